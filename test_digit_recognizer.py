@@ -1,0 +1,411 @@
+"""Tests for digit_recognizer.py: CPU only, a few minutes on two cores.
+
+    pytest test_digit_recognizer.py
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torchvision.transforms.v2 as T
+import torchvision.transforms.v2.functional as TF
+
+import digit_recognizer as dr
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BILINEAR = TF.InterpolationMode.BILINEAR
+CORNERS = [[0, 0], [27, 0], [27, 27], [0, 27]]
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Fixtures: real digits (scikit-learn's, brought to MNIST's form), written by the tests themselves
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory):
+    """Kaggle-shaped train.csv (1,437 rows) and test.csv (360 rows) with the test labels beside them."""
+    directory = tmp_path_factory.mktemp("digits")
+    dr.make_demo_data(str(directory), seed=0)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def small_dir(digits_dir, tmp_path_factory):
+    """A small copy for fast runs: 240 training rows, 40 test rows."""
+    directory = tmp_path_factory.mktemp("small")
+    pd.read_csv(digits_dir / "train.csv").head(240).to_csv(directory / "train.csv", index=False)
+    pd.read_csv(digits_dir / "test.csv").head(40).to_csv(directory / "test.csv", index=False)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def digit_images(digits_dir):
+    pixels, labels, _ = dr.read_digits_csv(str(digits_dir / "train.csv"), "train")
+    return dr.to_image_tensor(pixels[:16], "cpu"), labels[:16]
+
+
+def tiny_args(data, out, *extra):
+    return ["--data", str(data), "--out", str(out), "--epochs", "1", "--folds", "2", "--batch-size", "32",
+            "--device", "cpu", *extra]
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Models
+
+
+@pytest.mark.parametrize("arch,params", [("resnet", 2_759_914), ("wide", 3_249_866)])
+def test_models_have_the_reference_parameter_counts(arch, params):
+    assert sum(p.numel() for p in dr.ARCHITECTURES[arch]().parameters()) == params
+
+
+@pytest.mark.parametrize("arch", ["resnet", "wide"])
+def test_models_map_a_batch_of_digits_to_ten_logits(arch):
+    model = dr.ARCHITECTURES[arch]().eval()
+    assert model(torch.rand(3, 1, 28, 28)).shape == (3, 10)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Augmentation against torchvision's own kernels (tolerance: 1e-4 on pixels in [0, 1], i.e. float rounding)
+
+
+@pytest.mark.parametrize("angle,tx,ty,scale,shear", [
+    (12.3, 2, -1, 1.07, -8.0), (-15.0, -3, 3, 0.9, 10.0), (0.0, 1, 0, 1.0, 0.0), (7.5, 0, -2, 1.1, 4.2)])
+def test_affine_matches_torchvision(digit_images, angle, tx, ty, scale, shear):
+    images, _ = digit_images
+    expected = TF.affine(images, angle=angle, translate=[tx, ty], scale=scale, shear=[shear, 0.0],
+                         interpolation=BILINEAR)
+    maps = dr.affine_maps(*[torch.full((len(images),), float(v)) for v in (angle, tx, ty, scale, shear)])
+    assert torch.allclose(dr.warp(images, maps), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("endpoints", [
+    [[1, 2], [26, 0], [25, 27], [2, 25]], [[2, 2], [25, 2], [25, 25], [2, 25]], [[0, 1], [27, 2], [26, 26], [1, 27]]])
+def test_perspective_matches_torchvision(digit_images, endpoints):
+    images, _ = digit_images
+    expected = TF.perspective(images, CORNERS, endpoints, interpolation=BILINEAR)
+    maps = dr.perspective_maps(torch.tensor([endpoints], dtype=torch.float32))
+    assert torch.allclose(dr.warp(images, maps), expected, atol=1e-4)
+
+
+def test_composed_warp_matches_affine_then_perspective(digit_images):
+    """One resampling instead of two: equal up to the blur of torchvision's intermediate image."""
+    images, _ = digit_images
+    endpoints = [[1, 2], [26, 0], [25, 27], [2, 25]]
+    sequential = TF.perspective(TF.affine(images, angle=10.0, translate=[1, -2], scale=1.05, shear=[5.0, 0.0],
+                                          interpolation=BILINEAR), CORNERS, endpoints, interpolation=BILINEAR)
+    affine = dr.affine_maps(*[torch.tensor([v]) for v in (10.0, 1.0, -2.0, 1.05, 5.0)])
+    composed = dr.warp(images, affine @ dr.perspective_maps(torch.tensor([endpoints], dtype=torch.float32)))
+    assert (composed - sequential).abs().mean() < 0.01
+    assert (composed - sequential).abs().max() < 0.25
+
+
+def test_augment_draws_its_own_parameters_for_every_image(digit_images):
+    images, _ = digit_images
+    same_image = images[:1].expand(32, 1, 28, 28)
+    out = dr.augment(same_image, torch.Generator().manual_seed(0))
+    flat = out.flatten(1)
+    largest_difference = (flat[:, None] - flat[None]).abs().amax(-1)  # (32, 32)
+    off_diagonal = ~torch.eye(32, dtype=torch.bool)
+    assert (largest_difference[off_diagonal] > 0.05).all()  # every pair of outputs differs
+    again = dr.augment(same_image, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)  # and the same seed draws the same parameters
+
+
+def frequencies(values, support):
+    values = torch.as_tensor(values).flatten()
+    return torch.stack([(values == v).float().mean() for v in support])
+
+
+def test_augment_parameters_are_drawn_as_torchvision_draws_them():
+    """Our batched draws against torchvision's own RandomAffine / RandomPerspective.make_params."""
+    n = 4000
+    ours = dr.draw_augment_params(n, torch.Generator().manual_seed(1), torch.device("cpu"))
+    image = torch.zeros(1, 28, 28)
+    torch.manual_seed(1)
+    affine = T.RandomAffine(degrees=15, translate=(0.1, 0.1), scale=(0.9, 1.1), shear=10)
+    theirs = [affine.make_params([image]) for _ in range(n)]
+    for key, low, high in [("angle", -15, 15), ("scale", 0.9, 1.1), ("shear_x", -10, 10)]:
+        assert low <= ours[key].min() and ours[key].max() <= high
+        assert abs(ours[key].mean() - (low + high) / 2) < 0.03 * (high - low)
+        assert abs(ours[key].std() - (high - low) / 12 ** 0.5) < 0.03 * (high - low)
+    assert all(p["shear"][1] == 0 for p in theirs)  # shear=10 shears along x only, as ours does
+    shifts = range(-3, 4)
+    their_tx = frequencies([p["translate"][0] for p in theirs], shifts)
+    assert torch.allclose(frequencies(ours["translate_x"], shifts), their_tx, atol=0.03)
+    assert torch.allclose(frequencies(ours["translate_y"], shifts), their_tx, atol=0.03)
+
+    # torchvision hands back the homography from endpoints to corners: invert it to recover its endpoints.
+    perspective = T.RandomPerspective(distortion_scale=0.2, p=1.0)
+    coefficients = torch.tensor([perspective.make_params([image])["coefficients"] for _ in range(n)],
+                                dtype=torch.float64)
+    homographies = torch.cat([coefficients, torch.ones(n, 1, dtype=torch.float64)], 1).view(n, 3, 3)
+    corners = torch.tensor(CORNERS, dtype=torch.float64)
+    points = torch.linalg.inv(homographies) @ torch.cat([corners, torch.ones(4, 1, dtype=torch.float64)], 1).T
+    their_ends = (points[:, :2] / points[:, 2:]).transpose(1, 2).round()  # (n, 4, 2)
+    their_inward = (their_ends - corners).abs()
+    our_inward = (ours["endpoints"] - corners.float()).abs()
+    moved = our_inward.flatten(1).any(1)
+    assert 0.46 < moved.float().mean() < 0.54  # p=0.5 (a draw that moves no corner also counts as unmoved)
+    assert frequencies(our_inward[moved], [0, 1, 2]).sum() == 1  # whole pixels only
+    assert torch.allclose(frequencies(our_inward[moved], [0, 1, 2]), frequencies(their_inward, [0, 1, 2]),
+                          atol=0.03)
+    # Inward, never outward: every corner moves towards the image.
+    assert ((ours["endpoints"] >= 0) & (ours["endpoints"] <= 27)).all()
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Test-time augmentation
+
+
+def test_tta_views_are_fixed_and_distinct(digit_images):
+    images, _ = digit_images
+    views = dr.tta_views()
+    assert [name for name, _ in views] == ["identity", "rotate+5", "rotate-5", "scale1.05"]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(views[1:], dr.tta_views()[1:]))
+    outputs = [images] + [dr.warp(images, m) for _, m in views[1:]]
+    for i in range(len(outputs)):
+        for j in range(i + 1, len(outputs)):
+            assert (outputs[i] - outputs[j]).abs().max() > 0.1
+    assert [name for name, _ in dr.tta_views(tta=False)] == ["identity"]
+
+
+def test_predictions_with_tta_are_deterministic(digit_images):
+    images, _ = digit_images
+    torch.manual_seed(0)
+    model = dr.WideConvNet()
+    first = dr.predict_probs(model, images, dr.tta_views())
+    second = dr.predict_probs(model, images, dr.tta_views())
+    assert torch.equal(first, second)
+    assert torch.allclose(first.sum(1), torch.ones(len(images)), atol=1e-5)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Whole runs
+
+
+@pytest.fixture(scope="session")
+def smoke_run(digits_dir, tmp_path_factory):
+    """The wide CNN on 1,437 real digits, 2 folds x 3 epochs: enough to be far above chance."""
+    out = tmp_path_factory.mktemp("smoke")
+    args = ["--data", str(digits_dir), "--out", str(out), "--archs", "wide", "--folds", "2", "--epochs", "3",
+            "--batch-size", "32", "--device", "cpu"]
+    assert dr.main(args) == 0
+    return out
+
+
+def test_smoke_run_writes_a_valid_submission(smoke_run, digits_dir):
+    submission = pd.read_csv(smoke_run / "submission.csv")
+    assert list(submission.columns) == ["ImageId", "Label"]
+    assert submission["ImageId"].tolist() == list(range(1, 361))
+    assert submission["Label"].between(0, 9).all()
+    truth = pd.read_csv(digits_dir / "test_labels.csv")["Label"]
+    assert (submission["Label"] == truth).mean() > 0.6
+
+
+def test_smoke_run_out_of_fold_accuracy_is_far_above_chance(smoke_run):
+    oof = pd.read_csv(smoke_run / "oof.csv")
+    assert list(oof.columns) == ["index", "label", "pred"] + [f"p{d}" for d in range(10)]
+    assert oof["index"].tolist() == list(range(1437))
+    assert np.allclose(oof[[f"p{d}" for d in range(10)]].sum(axis=1), 1, atol=1e-4)
+    assert (oof["label"] == oof["pred"]).mean() > 0.6
+    metrics = json.loads((smoke_run / "metrics.json").read_text())
+    assert metrics["oof_accuracy"]["ensemble"] == pytest.approx((oof["label"] == oof["pred"]).mean())
+    assert [(j["arch"], j["fold"]) for j in metrics["jobs"]] == [("wide", 0), ("wide", 1)]
+    assert all(1 <= j["best_epoch"] <= 3 and len(j["history"]) == j["epochs_run"] for j in metrics["jobs"])
+    assert metrics["device"] == "cpu" and metrics["precision"] == "float32"
+    assert metrics["train_images_per_second"] > 0 and "torch" in metrics["versions"]
+
+
+def test_checkpoints_load_as_data_and_reproduce_the_validation_accuracy(smoke_run, digits_dir):
+    model, state = dr.load_checkpoint(str(smoke_run / "checkpoints" / "wide_fold0.pt"))
+    assert (state["arch"], state["fold"]) == ("wide", 0)
+    assert state["config"]["seed"] == 42 and state["config"]["archs"] == ["wide"]
+    metrics = json.loads((smoke_run / "metrics.json").read_text())
+    assert state["epoch"] == metrics["jobs"][0]["best_epoch"]
+    assert state["val_acc"] == pytest.approx(metrics["jobs"][0]["best_val_acc"])
+    # The saved weights give back the validation accuracy they were kept for.
+    from sklearn.model_selection import StratifiedKFold
+    pixels, labels, _ = dr.read_digits_csv(str(digits_dir / "train.csv"), "train")
+    _, val_idx = next(StratifiedKFold(2, shuffle=True, random_state=42).split(pixels, labels))
+    model = model.to(memory_format=torch.channels_last)
+    acc = dr.accuracy_on_device(model, dr.to_image_tensor(pixels[val_idx], "cpu"), torch.from_numpy(labels[val_idx]))
+    assert acc.item() == pytest.approx(state["val_acc"])
+
+
+def test_two_seeded_runs_write_identical_files(small_dir, tmp_path):
+    for name in ("a", "b"):
+        assert dr.main(tiny_args(small_dir, tmp_path / name)) == 0
+    for name in ("submission.csv", "oof.csv"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_a_job_does_not_depend_on_the_jobs_before_it(small_dir, tmp_path):
+    """The wide models of a resnet+wide run equal those of a wide-only run."""
+    assert dr.main(tiny_args(small_dir, tmp_path / "both", "--archs", "resnet,wide")) == 0
+    assert dr.main(tiny_args(small_dir, tmp_path / "wide", "--archs", "wide")) == 0
+    for fold in (0, 1):
+        a = torch.load(tmp_path / "both" / "checkpoints" / f"wide_fold{fold}.pt", weights_only=True)["model"]
+        b = torch.load(tmp_path / "wide" / "checkpoints" / f"wide_fold{fold}.pt", weights_only=True)["model"]
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_kaggle_default_path_and_notebook_arguments(small_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(dr, "KAGGLE_DATA", str(small_dir))
+    monkeypatch.chdir(tmp_path)  # the default --out is the working directory, as /kaggle/working is on Kaggle
+    assert dr.main(["-f", "/root/.local/share/jupyter/runtime/kernel-1.json", "--epochs", "1", "--folds", "2",
+                    "--archs", "wide", "--device", "cpu"]) == 0
+    assert "ignoring unknown arguments: -f" in capsys.readouterr().err
+    assert len(pd.read_csv(tmp_path / "submission.csv")) == 40
+
+
+def test_no_data_and_no_kaggle_directory_says_what_to_do(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(dr, "KAGGLE_DATA", str(tmp_path / "nowhere"))
+    assert dr.main(["--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--data" in err and "--demo" in err
+
+
+def test_import_does_no_work(tmp_path):
+    code = "import digit_recognizer, os; print(len(os.listdir('.')))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": HERE})
+    assert result.returncode == 0 and result.stdout.strip() == "0" and result.stderr == ""
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Demo data and MNIST geometry
+
+
+def test_demo_data_is_kaggle_shaped(digits_dir):
+    train = pd.read_csv(digits_dir / "train.csv")
+    test = pd.read_csv(digits_dir / "test.csv")
+    assert train.shape == (1437, 785) and test.shape == (360, 784)
+    assert train.columns[0] == "label" and set(train["label"]) == set(range(10))
+    assert train.iloc[:, 1:].to_numpy().max() == 255 and test.to_numpy().min() == 0
+
+
+def test_mnist_frame_fits_20x20_and_centres_the_mass():
+    digit = torch.zeros(60, 30)
+    digit[5:55, 10:20] = 1.0  # a tall bar off to one side
+    frame = dr.to_mnist_frame(digit)
+    rows, cols = torch.nonzero(frame > 0.05, as_tuple=True)
+    assert frame.shape == (28, 28)
+    assert rows.max() - rows.min() + 1 == 20 and cols.max() - cols.min() + 1 <= 20
+    ys, xs = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
+    centre = ((frame * ys).sum() / frame.sum(), (frame * xs).sum() / frame.sum())
+    assert abs(centre[0] - 13.5) <= 0.5 and abs(centre[1] - 13.5) <= 0.5
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Bad input: exit code 2, one line naming the file and the place, and nothing written
+
+
+def write_bad_case(directory, case):
+    """A 40-row train.csv and 10-row test.csv with one thing wrong; returns the text the error must contain."""
+    rng = np.random.default_rng(0)
+    columns = [f"pixel{i}" for i in range(784)]
+    train = pd.DataFrame(rng.integers(0, 256, (40, 784)), columns=columns)
+    train.insert(0, "label", np.arange(40) % 10)
+    test = pd.DataFrame(rng.integers(0, 256, (10, 784)), columns=columns)
+    expected = {"train": "train.csv", "test": "test.csv"}
+    target = "train"
+    if case == "missing label column":
+        train = train.drop(columns="label")
+        expected_text = "no 'label' column"
+    elif case == "too few pixel columns":
+        train = train.drop(columns="pixel783")
+        expected_text = "783 pixel columns, expected 784"
+    elif case == "non-numeric cell":
+        train["pixel5"] = train["pixel5"].astype(object)
+        train.loc[3, "pixel5"] = "abc"
+        expected_text = "line 5, column pixel5: 'abc' is not a number"
+    elif case == "empty cell":
+        train["pixel7"] = train["pixel7"].astype(float)
+        train.loc[0, "pixel7"] = np.nan
+        expected_text = "line 2, column pixel7: empty cell"
+    elif case == "pixel above 255":
+        train.loc[9, "pixel100"] = 256
+        expected_text = "line 11, column pixel100: value 256 is not an integer in 0-255"
+    elif case == "negative pixel":
+        test.loc[2, "pixel0"] = -1
+        target, expected_text = "test", "line 4, column pixel0: value -1 is not an integer in 0-255"
+    elif case == "label outside 0-9":
+        train.loc[6, "label"] = 10
+        expected_text = "line 8, column label: value 10 is not an integer in 0-9"
+    elif case == "empty file":
+        expected_text = "file is empty"
+    elif case == "header only":
+        train = train.head(0)
+        expected_text = "no data rows"
+    elif case == "test with a label column":
+        test.insert(0, "label", 1)
+        target, expected_text = "test", "has a 'label' column"
+    elif case == "test with too many pixel columns":
+        test["pixel784"] = 0
+        test["pixel785"] = 0
+        target, expected_text = "test", "786 pixel columns, expected 784"
+    elif case == "missing test file":
+        target, expected_text = "test", "file not found"
+    train.to_csv(directory / "train.csv", index=False)
+    test.to_csv(directory / "test.csv", index=False)
+    if case == "empty file":
+        (directory / "train.csv").write_text("")
+    if case == "missing test file":
+        (directory / "test.csv").unlink()
+    return f"{directory / expected[target]}: {expected_text}"
+
+
+BAD_CASES = ["missing label column", "too few pixel columns", "non-numeric cell", "empty cell", "pixel above 255",
+             "negative pixel", "label outside 0-9", "empty file", "header only", "test with a label column",
+             "test with too many pixel columns", "missing test file"]
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_input_exits_2_with_one_line(case, tmp_path, capsys):
+    data, out = tmp_path / "data", tmp_path / "out"
+    data.mkdir()
+    expected = write_bad_case(data, case)
+    assert dr.main(tiny_args(data, out)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {expected}") and err.count("\n") == 1
+    assert not (out / "submission.csv").exists()
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--data", "/no/such/dir"], "/no/such/dir: data directory not found"),
+    (["--archs", "resnet,vgg"], "--archs: unknown architecture 'vgg'"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--folds", "1"], "--folds must be at least 2"),
+    (["--epochs", "many"], "argument --epochs: invalid int value: 'many'"),
+    (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+    (["--folds", "50"], "images, fewer than --folds 50"),
+])
+def test_bad_options_exit_2_with_one_line(args, expected, small_dir, tmp_path, capsys):
+    assert dr.main(["--data", str(small_dir), "--out", str(tmp_path / "out"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expected in err
+    assert not (tmp_path / "out" / "submission.csv").exists()
+
+
+def test_unwritable_output_is_reported_before_training(small_dir, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    assert dr.main(tiny_args(small_dir, blocker / "out")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {blocker / 'out'}: output directory cannot be written") and err.count("\n") == 1
+
+
+def test_bad_input_from_the_command_line_has_no_traceback(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    expected = write_bad_case(data, "label outside 0-9")
+    result = subprocess.run([sys.executable, os.path.join(HERE, "digit_recognizer.py"), *tiny_args(data, tmp_path)],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"error: {expected}") and result.stderr.count("\n") == 1
+    assert "Traceback" not in result.stdout
+    assert not (tmp_path / "submission.csv").exists()
