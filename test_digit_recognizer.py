@@ -173,6 +173,23 @@ def test_tta_views_are_fixed_and_distinct(digit_images):
     assert [name for name, _ in dr.tta_views(tta=False)] == ["identity"]
 
 
+@pytest.mark.parametrize("arch", ["resnet", "wide"])
+def test_folding_batchnorm_keeps_the_model_function(arch):
+    torch.manual_seed(0)
+    model = dr.ARCHITECTURES[arch]()
+    for module in model.modules():  # running statistics far from the identity, as after training
+        if isinstance(module, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+            module.weight.data.uniform_(0.5, 1.5)
+    folded = dr.fold_batchnorm(model)
+    assert not any(isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)) for m in folded.modules())
+    assert model.training  # the original is left as it was
+    images = torch.rand(8, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(folded(images), model.eval()(images), atol=1e-4)
+
+
 def test_predictions_with_tta_are_deterministic(digit_images):
     images, _ = digit_images
     torch.manual_seed(0)
@@ -231,8 +248,7 @@ def test_checkpoints_load_as_data_and_reproduce_the_validation_accuracy(smoke_ru
     from sklearn.model_selection import StratifiedKFold
     pixels, labels, _ = dr.read_digits_csv(str(digits_dir / "train.csv"), "train")
     _, val_idx = next(StratifiedKFold(2, shuffle=True, random_state=42).split(pixels, labels))
-    model = model.to(memory_format=torch.channels_last)
-    acc = dr.accuracy_on_device(model, dr.to_image_tensor(pixels[val_idx], "cpu"), torch.from_numpy(labels[val_idx]))
+    acc = dr.accuracy_on_device(dr.fold_batchnorm(model), dr.to_image_tensor(pixels[val_idx], "cpu"), torch.from_numpy(labels[val_idx]))
     assert acc.item() == pytest.approx(state["val_acc"])
 
 
