@@ -15,6 +15,7 @@ On Kaggle, paste this file into a script kernel and run it as it is: with no --d
 import argparse
 import copy
 import dataclasses
+import glob
 import json
 import math
 import os
@@ -59,6 +60,8 @@ class Config:
     tta: bool = True
     limit: int | None = None  # use only the first N rows of train.csv
     demo: bool = False
+    predict: tuple[str, ...] = ()  # image files to classify with the checkpoints in --out
+    verbose: bool = False  # with --predict: also print the top 3
 
 
 class InputError(Exception):
@@ -139,6 +142,26 @@ def _integer_column(path, frame, column, low, high):
         raise InputError(f"{path}: line {row + 2}, column {column}: "
                          f"value {values[row]:g} is not an integer in {low}-{high}")
     return values.astype(np.int64)
+
+
+def submission_columns(data_dir, test_ids, n_test):
+    """(id column name, id values, label column name) of the submission. Kaggle's digit layout is ImageId from 1
+    and Label; a test.csv with an id column (Kannada-MNIST) gives that column and 'label'; a
+    sample_submission.csv beside the data, when present, decides both names and their order."""
+    id_name, ids = test_ids if test_ids is not None else ("ImageId", np.arange(1, n_test + 1))
+    label_name = "label" if test_ids is not None else "Label"
+    sample_path = os.path.join(data_dir, "sample_submission.csv")
+    if not os.path.isfile(sample_path):
+        return id_name, ids, label_name
+    try:
+        sample = pd.read_csv(sample_path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError):
+        raise InputError(f"{sample_path}: not a readable CSV") from None
+    if len(sample.columns) != 2:
+        raise InputError(f"{sample_path}: {len(sample.columns)} columns, expected 2 (an id and a label)")
+    if len(sample) != n_test:
+        raise InputError(f"{sample_path}: {len(sample)} rows, but test.csv has {n_test}")
+    return str(sample.columns[0]), ids, str(sample.columns[1])
 
 
 def to_image_tensor(pixels, device):
@@ -585,6 +608,97 @@ def library_versions():
 
 
 # -----------------------------------------------------------------------------------------------------------------
+# Pictures of the run (matplotlib's object API: no pyplot, so no global backend switch inside a notebook)
+
+PICTURES = ("curves.png", "confusion.png", "mistakes.png", "samples.png")
+
+
+def write_pictures(cfg, results, labels, oof_probs, images, generator):
+    """curves.png, confusion.png, mistakes.png and samples.png in --out; skipped in one line without matplotlib."""
+    try:
+        from matplotlib.colors import LogNorm
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
+    except ImportError:
+        print(f"matplotlib is not installed: skipping {', '.join(PICTURES)}", flush=True)
+        return
+    predictions = oof_probs.argmax(1)
+    save = lambda fig, name: write_atomic(os.path.join(cfg.out, name), lambda tmp: fig.savefig(tmp, format="png"))
+
+    # Training curves: a column per architecture, loss above validation accuracy, the kept epoch starred.
+    fig = Figure(figsize=(5 * len(cfg.archs), 7), layout="constrained", dpi=110)
+    axes = fig.subplots(2, len(cfg.archs), squeeze=False)
+    for column, arch in enumerate(cfg.archs):
+        loss_ax, acc_ax = axes[0, column], axes[1, column]
+        for r in [r for r in results if r.arch == arch]:
+            epochs = [h["epoch"] for h in r.history]
+            (line,) = loss_ax.plot(epochs, [h["train_loss"] for h in r.history], label=f"fold {r.fold}")
+            acc_ax.plot(epochs, [h["val_acc"] for h in r.history], color=line.get_color(), label=f"fold {r.fold}")
+            acc_ax.plot(r.best_epoch, r.best_val_acc, marker="*", markersize=13, color=line.get_color())
+        loss_ax.set(title=f"{arch}: training loss", xlabel="epoch", ylabel="loss (augmented, smoothed labels)")
+        acc_ax.set(title=f"{arch}: validation accuracy (* = kept epoch)", xlabel="epoch", ylabel="accuracy")
+        for ax in (loss_ax, acc_ax):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        loss_ax.legend(fontsize=8)
+        acc_ax.legend(fontsize=8, loc="lower right")
+    save(fig, "curves.png")
+
+    # Confusion matrix of the ensemble's out-of-fold predictions, log colour scale so small counts show.
+    from sklearn.metrics import confusion_matrix
+    matrix = confusion_matrix(labels, predictions, labels=range(NUM_CLASSES))
+    fig = Figure(figsize=(7.5, 6.5), layout="constrained", dpi=110)
+    ax = fig.subplots()
+    shown = np.ma.masked_equal(matrix, 0)
+    image = ax.imshow(shown, cmap="Blues", norm=LogNorm(vmin=1, vmax=max(2, matrix.max())))
+    for (row, col), count in np.ndenumerate(matrix):
+        if count:
+            dark = np.log(count) > 0.6 * np.log(max(2, matrix.max()))
+            ax.text(col, row, str(count), ha="center", va="center", fontsize=8 if count < 1000 else 7,
+                    color="white" if dark else "black")
+    errors = int((predictions != labels).sum())
+    ax.set(xticks=range(NUM_CLASSES), yticks=range(NUM_CLASSES), xlabel="predicted digit", ylabel="true digit",
+           title=f"Out-of-fold confusion, ensemble: {errors} errors in {len(labels)} images")
+    fig.colorbar(image, ax=ax, label="images (log scale)")
+    save(fig, "confusion.png")
+
+    # The out-of-fold mistakes, most confident first.
+    wrong = np.flatnonzero(predictions != labels)
+    wrong = wrong[np.argsort(-oof_probs[wrong, predictions[wrong]], kind="stable")][:40]
+    columns = 8
+    rows = max(1, math.ceil(len(wrong) / columns))
+    fig = Figure(figsize=(columns * 1.25, rows * 1.5 + 0.5), layout="constrained", dpi=110)
+    fig.suptitle(f"Out-of-fold mistakes, most confident first ({len(wrong)} of {errors} shown)")
+    axes = fig.subplots(rows, columns, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, index in zip(axes.flat, wrong):
+        ax.imshow(images[index, 0].cpu().numpy(), cmap="gray", vmin=0, vmax=1)
+        ax.set_title(f"true {labels[index]}, pred {predictions[index]}\np = {oof_probs[index, predictions[index]]:.2f}",
+                     fontsize=8)
+    if len(wrong) == 0:
+        axes[0, 0].text(0, 0.5, "no out-of-fold mistakes", fontsize=12)
+    save(fig, "mistakes.png")
+
+    # What the augmentation does: the first image of each digit, then augmented draws of it.
+    firsts = [int(np.flatnonzero(labels == d)[0]) for d in range(NUM_CLASSES) if (labels == d).any()]
+    draws = 7
+    originals = images[firsts]
+    augmented = torch.stack([augment(originals, generator) for _ in range(draws)], 1).cpu()  # (digits, draws, 1, H, W)
+    fig = Figure(figsize=((draws + 1) * 1.1, len(firsts) * 1.1 + 0.4), layout="constrained", dpi=110)
+    fig.suptitle("Training augmentation: original, then random affine + perspective draws")
+    axes = fig.subplots(len(firsts), draws + 1, squeeze=False)
+    for row in range(len(firsts)):
+        pictures = [originals[row, 0].cpu()] + [augmented[row, k, 0] for k in range(draws)]
+        for col, picture in enumerate(pictures):
+            axes[row, col].imshow(picture.numpy(), cmap="gray", vmin=0, vmax=1)
+            axes[row, col].axis("off")
+    for col in range(draws + 1):
+        axes[0, col].set_title("original" if col == 0 else f"draw {col}", fontsize=8)
+    save(fig, "samples.png")
+    print(f"wrote {', '.join(PICTURES)}", flush=True)
+
+
+# -----------------------------------------------------------------------------------------------------------------
 # Demo data: scikit-learn's 1,797 real 8x8 digits, brought to MNIST's form
 
 
@@ -632,6 +746,77 @@ def make_demo_data(directory, seed=0, test_fraction=0.2):
 
 
 # -----------------------------------------------------------------------------------------------------------------
+# Predict your own digits: any image file -> MNIST's form -> the trained ensemble
+
+
+def image_to_mnist(gray):
+    """A grayscale picture (H, W) in [0, 1] of either polarity (dark ink on paper, as a phone photo, or light ink
+    on black, as MNIST) -> MNIST's (28, 28): light ink on black, cropped, fitted to 20x20, centred by mass."""
+    gray = torch.as_tensor(gray, dtype=torch.float32)
+    border = torch.cat([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    if border.median() > 0.5:  # a light background: dark ink on paper
+        gray, border = 1 - gray, 1 - border
+    ink = (gray - border.median()).clamp(min=0)  # the paper's own shade is not ink
+    if ink.max() > 0:
+        ink = ink / ink.max()
+        ink = torch.where(ink > 0.1, ink, torch.zeros_like(ink))  # specks and shading
+    return to_mnist_frame(ink)
+
+
+def read_image_file(path):
+    from PIL import Image, ImageOps, UnidentifiedImageError
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: file not found")
+    try:
+        with Image.open(path) as picture:
+            picture = ImageOps.exif_transpose(picture)  # phone photos store their rotation apart from the pixels
+            gray = np.asarray(picture.convert("L"), dtype=np.float32) / 255
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        reason = "not an image file" if isinstance(e, UnidentifiedImageError) else str(e) or type(e).__name__
+        raise InputError(f"{path}: cannot read image ({reason})") from None
+    return image_to_mnist(gray)
+
+
+def load_ensemble(out, device):
+    directory = os.path.join(out, "checkpoints")
+    paths = sorted(glob.glob(os.path.join(directory, "*_fold*.pt")))
+    if not paths:
+        raise InputError(f"{directory}: no checkpoints; train first, e.g. "
+                         f"python digit_recognizer.py --data DIR --out {out}")
+    models = []
+    for path in paths:
+        try:
+            model, _ = load_checkpoint(path, device)
+        except Exception as e:  # torch.load raises many kinds on a truncated or foreign file
+            raise InputError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
+        models.append(fold_batchnorm(model.to(device)))
+    return models
+
+
+def predict_files(cfg):
+    """Print each file's digit and probability; unreadable files are reported and skipped. Returns the exit code."""
+    device = resolve_device(cfg.device)
+    models = load_ensemble(cfg.out, device)
+    views, amp_dtype = tta_views(tta=cfg.tta), autocast_dtype(device)
+    failed = False
+    for path in cfg.predict:
+        try:
+            image = read_image_file(path)
+        except InputError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            failed = True
+            continue
+        batch = image.view(1, 1, IMAGE_SIZE, IMAGE_SIZE).to(device)
+        probs = torch.stack([predict_probs(m, batch, views, amp_dtype)[0] for m in models]).mean(0)
+        top = probs.topk(3)
+        line = f"{path}: {top.indices[0].item()} ({top.values[0].item():.3f})"
+        if cfg.verbose:
+            line += "   top 3: " + ", ".join(f"{d} {p:.3f}" for p, d in zip(top.values.tolist(), top.indices.tolist()))
+        print(line, flush=True)
+    return 2 if failed else 0
+
+
+# -----------------------------------------------------------------------------------------------------------------
 # The whole run
 
 
@@ -657,6 +842,7 @@ def run(cfg):
     data_dir = resolve_data_dir(cfg)
     train_pixels, labels, _ = read_digits_csv(os.path.join(data_dir, "train.csv"), "train")
     test_pixels, _, test_ids = read_digits_csv(os.path.join(data_dir, "test.csv"), "test")
+    id_name, ids, label_name = submission_columns(data_dir, test_ids, len(test_pixels))
     if cfg.limit is not None:
         train_pixels, labels = train_pixels[:cfg.limit], labels[:cfg.limit]
     counts = np.bincount(labels, minlength=NUM_CLASSES)
@@ -703,12 +889,12 @@ def run(cfg):
     oof_acc["ensemble"] = float((oof_probs.argmax(1) == labels).mean())
 
     predictions = test_probs.argmax(1)
-    id_name, ids = test_ids if test_ids is not None else ("ImageId", np.arange(1, len(predictions) + 1))
-    write_csv(os.path.join(cfg.out, "submission.csv"), pd.DataFrame({id_name: ids, "Label": predictions}))
+    write_csv(os.path.join(cfg.out, "submission.csv"), pd.DataFrame({id_name: ids, label_name: predictions}))
     oof_frame = pd.DataFrame({"index": np.arange(len(labels)), "label": labels, "pred": oof_probs.argmax(1)})
     for digit in range(NUM_CLASSES):
         oof_frame[f"p{digit}"] = oof_probs[:, digit]
     write_csv(os.path.join(cfg.out, "oof.csv"), oof_frame, float_format="%.6f")
+    write_pictures(cfg, results, labels, oof_probs, images, torch.Generator(device=device).manual_seed(cfg.seed))
 
     images_trained = sum(r.images_trained for r in results)
     train_seconds = sum(r.train_seconds for r in results)
@@ -799,6 +985,11 @@ def parse_args(argv=None):
     run_group.add_argument("--device", default=defaults.device, choices=["auto", "cpu", "cuda", "mps"],
                            help="auto picks cuda, then mps, then cpu")
     run_group.add_argument("--no-tta", action="store_true", help="predict the plain images only")
+    predict = parser.add_argument_group("predict your own digits")
+    predict.add_argument("--predict", nargs="+", metavar="IMAGE", default=None,
+                         help="classify these image files (PNG, JPEG, ...; any size, either polarity) with the "
+                              "checkpoints in --out, instead of training")
+    predict.add_argument("--verbose", action="store_true", help="with --predict: also print the top 3 digits")
 
     # Notebooks add arguments of their own (-f kernel.json): ignore what we do not know, but say so.
     args, unknown = parser.parse_known_args(argv)
@@ -830,13 +1021,17 @@ def parse_args(argv=None):
     cfg = Config(data=args.data, out=args.out or ("demo_run" if args.demo else "."), epochs=args.epochs,
                  folds=args.folds, archs=archs, batch_size=args.batch_size, lr=args.lr,
                  weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, patience=args.patience,
-                 seed=args.seed, device=args.device, tta=not args.no_tta, limit=args.limit, demo=args.demo)
+                 seed=args.seed, device=args.device, tta=not args.no_tta, limit=args.limit, demo=args.demo,
+                 predict=tuple(args.predict or ()), verbose=args.verbose)
     return cfg
 
 
 def main(argv=None):
     try:
-        run(parse_args(argv))
+        cfg = parse_args(argv)
+        if cfg.predict:
+            return predict_files(cfg)
+        run(cfg)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

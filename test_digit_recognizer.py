@@ -425,3 +425,152 @@ def test_bad_input_from_the_command_line_has_no_traceback(tmp_path):
     assert result.stderr.startswith(f"error: {expected}") and result.stderr.count("\n") == 1
     assert "Traceback" not in result.stdout
     assert not (tmp_path / "submission.csv").exists()
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Pictures of the run
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def test_pictures_are_written_as_readable_pngs(smoke_run):
+    from matplotlib.image import imread
+    for name in dr.PICTURES:
+        path = smoke_run / name
+        assert path.read_bytes()[:8] == PNG_SIGNATURE
+        height, width = imread(path).shape[:2]
+        assert height > 300 and width > 300
+        assert imread(path).std() > 0.05  # not a blank canvas
+
+
+def test_pictures_are_skipped_in_one_line_without_matplotlib(small_dir, tmp_path, monkeypatch, capsys):
+    for module in ("matplotlib", "matplotlib.colors", "matplotlib.figure", "matplotlib.ticker"):
+        monkeypatch.setitem(sys.modules, module, None)  # makes "import matplotlib..." raise ImportError
+    assert dr.main(tiny_args(small_dir, tmp_path, "--archs", "wide")) == 0
+    assert "matplotlib is not installed: skipping curves.png" in capsys.readouterr().out
+    assert (tmp_path / "submission.csv").exists()
+    assert not any((tmp_path / name).exists() for name in dr.PICTURES)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Predict your own digits
+
+
+def save_as_photo(frame, path, size=(150, 110)):
+    """A 28x28 MNIST digit drawn as a phone photo would show it: large, off-centre, dark ink on grey paper."""
+    from PIL import Image
+    big = torch.nn.functional.interpolate(frame.view(1, 1, 28, 28), size=(96, 96), mode="bilinear")[0, 0]
+    canvas = torch.zeros(size)
+    canvas[20:116, 5:101] = big  # off-centre on a non-square sheet
+    paper = 0.85 - 0.75 * canvas  # ink 0.1, paper 0.85
+    Image.fromarray((paper * 255).round().byte().numpy(), mode="L").save(path)
+
+
+@pytest.fixture(scope="session")
+def photo_digits(smoke_run, digits_dir, tmp_path_factory):
+    """Photo-like files of test digits that the trained smoke run classifies correctly, with their labels."""
+    directory = tmp_path_factory.mktemp("photos")
+    pixels, _, _ = dr.read_digits_csv(str(digits_dir / "test.csv"), "test")
+    truth = pd.read_csv(digits_dir / "test_labels.csv")["Label"].to_numpy()
+    predicted = pd.read_csv(smoke_run / "submission.csv")["Label"].to_numpy()
+    chosen = [int(np.flatnonzero((truth == d) & (predicted == d))[0]) for d in range(10)
+              if ((truth == d) & (predicted == d)).any()]
+    assert len(chosen) >= 8
+    frames = dr.to_image_tensor(pixels[chosen], "cpu")[:, 0]
+    paths = []
+    for index, frame in zip(chosen, frames):
+        paths.append(directory / f"digit{index}.png")
+        save_as_photo(frame, paths[-1])
+    return paths, truth[chosen], frames
+
+
+def test_photo_preprocessing_gives_back_mnist_geometry(photo_digits):
+    paths, _, frames = photo_digits
+    for path, frame in zip(paths, frames):
+        recovered = dr.read_image_file(str(path))
+        rows, cols = torch.nonzero(recovered > 0.05, as_tuple=True)
+        assert recovered.shape == (28, 28) and recovered.max() > 0.9
+        assert max(rows.max() - rows.min(), cols.max() - cols.min()) + 1 <= 20
+        assert (recovered - frame).abs().mean() < 0.06  # the photo comes back as the digit it was made from
+
+
+def test_predict_keeps_the_labels_of_photographed_digits(photo_digits, smoke_run, capsys):
+    paths, labels, _ = photo_digits
+    assert dr.main(["--predict", *map(str, paths), "--out", str(smoke_run), "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == len(paths)
+    for line, path, label in zip(lines, paths, labels):
+        name, rest = line.split(": ")
+        digit, probability = rest.split()
+        assert name == str(path) and int(digit) == label and 0.1 <= float(probability.strip("()")) <= 1
+
+
+def test_predict_verbose_prints_the_top_three(photo_digits, smoke_run, capsys):
+    paths, labels, _ = photo_digits
+    assert dr.main(["--predict", str(paths[0]), "--out", str(smoke_run), "--verbose"]) == 0
+    line = capsys.readouterr().out.strip()
+    top3 = line.split("top 3: ")[1].split(", ")
+    assert len(top3) == 3 and int(top3[0].split()[0]) == labels[0]
+    assert [float(t.split()[1]) for t in top3] == sorted((float(t.split()[1]) for t in top3), reverse=True)
+
+
+def test_predict_reports_bad_images_and_goes_on(photo_digits, smoke_run, tmp_path, capsys):
+    paths, labels, _ = photo_digits
+    fake = tmp_path / "notes.png"
+    fake.write_text("not an image")
+    missing = tmp_path / "missing.jpg"
+    assert dr.main(["--predict", str(missing), str(fake), str(paths[0]), "--out", str(smoke_run)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [f"error: {missing}: file not found",
+                                         f"error: {fake}: cannot read image (not an image file)"]
+    assert captured.out.startswith(f"{paths[0]}: {labels[0]} (")
+
+
+def test_predict_without_checkpoints_says_how_to_train(photo_digits, tmp_path, capsys):
+    paths, _, _ = photo_digits
+    assert dr.main(["--predict", str(paths[0]), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no checkpoints; train first" in err
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# The 28x28 Kaggle family: Kannada-MNIST's id column, Fashion-MNIST's pixel1.. names, sample_submission.csv
+
+
+def test_id_column_and_pixel1_names_give_an_id_label_submission(small_dir, tmp_path):
+    data = tmp_path / "kannada"
+    data.mkdir()
+    train = pd.read_csv(small_dir / "train.csv")
+    train.columns = ["label"] + [f"pixel{i}" for i in range(1, 785)]  # Fashion-MNIST's naming
+    train.to_csv(data / "train.csv", index=False)
+    test = pd.read_csv(small_dir / "test.csv")
+    ids = pd.DataFrame({"id": np.arange(100, 100 + len(test))})  # Kannada-MNIST's test.csv starts with an id
+    test = pd.concat([ids, test], axis=1)
+    test.to_csv(data / "test.csv", index=False)
+    assert dr.main(tiny_args(data, tmp_path / "out", "--archs", "wide")) == 0
+    submission = pd.read_csv(tmp_path / "out" / "submission.csv")
+    assert list(submission.columns) == ["id", "label"]
+    assert submission["id"].tolist() == list(range(100, 140))
+    assert submission["label"].between(0, 9).all()
+
+
+def test_sample_submission_decides_the_column_names(small_dir, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("train.csv", "test.csv"):
+        (data / name).write_bytes((small_dir / name).read_bytes())
+    pd.DataFrame({"Id": range(1, 41), "Category": 0}).to_csv(data / "sample_submission.csv", index=False)
+    assert dr.main(tiny_args(data, tmp_path / "out", "--archs", "wide")) == 0
+    submission = pd.read_csv(tmp_path / "out" / "submission.csv")
+    assert list(submission.columns) == ["Id", "Category"] and submission["Id"].tolist() == list(range(1, 41))
+
+
+def test_a_sample_submission_that_does_not_fit_exits_2(small_dir, tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("train.csv", "test.csv"):
+        (data / name).write_bytes((small_dir / name).read_bytes())
+    pd.DataFrame({"ImageId": range(1, 31), "Label": 0}).to_csv(data / "sample_submission.csv", index=False)
+    assert dr.main(tiny_args(data, tmp_path / "out")) == 2
+    assert capsys.readouterr().err == f"error: {data / 'sample_submission.csv'}: 30 rows, but test.csv has 40\n"
