@@ -1042,4 +1042,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_code = main()
+    if exit_code:  # a clean run just ends: a notebook cell would print "SystemExit: 0"
+        raise SystemExit(exit_code)
