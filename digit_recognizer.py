@@ -16,11 +16,14 @@ import argparse
 import copy
 import dataclasses
 import glob
+import hashlib
 import json
 import math
 import os
 import platform
+import signal
 import sys
+import threading
 import time
 import zlib
 from dataclasses import dataclass
@@ -61,6 +64,9 @@ class Config:
     limit: int | None = None  # use only the first N rows of train.csv
     demo: bool = False
     predict: tuple[str, ...] = ()  # image files to classify with the checkpoints in --out
+    fold: tuple[int, ...] = ()  # train only these folds (all when empty)
+    predict_only: bool = False  # build the outputs from the finished checkpoints in --out, no training
+    fresh: bool = False  # discard the saved state in --out first
     verbose: bool = False  # with --predict: also print the top 3
 
 
@@ -72,31 +78,46 @@ class InputError(Exception):
 # Data: Kaggle CSVs -> uint8 pixel arrays, validated cell by cell before any training starts
 
 
-def read_digits_csv(path, role):
+def read_digits_csv(path, role, chunk_rows=10_000):
     """Read a Kaggle-layout CSV. role 'train': label + 784 pixels; role 'test': 784 pixels, or an id column + 784.
 
-    Pixel columns are taken by position, whatever their names (pixel0.. or pixel1..).
+    Pixel columns are taken by position, whatever their names (pixel0.. or pixel1..). The file is parsed in chunks
+    of rows, so memory holds the uint8 pixels plus one chunk, however long the file.
     Returns (pixels uint8 (N, 784), labels int64 (N,) or None, id column (name, values) or None).
     """
     if not os.path.isfile(path):
         raise InputError(f"{path}: file not found")
+    pixels, labels, ids, first_line = [], [], [], 2  # line 1 is the header
     try:
-        frame = pd.read_csv(path)
+        for frame in pd.read_csv(path, chunksize=chunk_rows):
+            if len(frame) == 0:
+                continue
+            frame.columns = [str(c).strip() for c in frame.columns]
+            chunk_pixels, chunk_labels, chunk_ids = _parse_chunk(path, role, frame, first_line)
+            pixels.append(chunk_pixels)
+            labels.append(chunk_labels)
+            ids.append(chunk_ids)
+            first_line += len(frame)
     except pd.errors.EmptyDataError:
         raise InputError(f"{path}: file is empty") from None
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
         raise InputError(f"{path}: not a readable CSV ({str(e).strip().splitlines()[-1]})") from None
-    columns = [str(c).strip() for c in frame.columns]
-    frame.columns = columns
-    if len(frame) == 0:
+    if not pixels:
         raise InputError(f"{path}: no data rows, only a header")
+    id_column = None
+    if ids[0] is not None:
+        id_column = (ids[0][0], np.concatenate([values for _, values in ids]))
+    return (np.concatenate(pixels), np.concatenate(labels) if role == "train" else None, id_column)
 
+
+def _parse_chunk(path, role, frame, first_line):
+    columns = list(frame.columns)
     labels, ids = None, None
     if role == "train":
         if "label" not in columns:
             raise InputError(f"{path}: no 'label' column (expected label followed by {NUM_PIXELS} pixel columns)")
         pixel_columns = [c for c in columns if c != "label"]
-        labels = _integer_column(path, frame, "label", 0, NUM_CLASSES - 1)
+        labels = _integer_column(path, frame, "label", 0, NUM_CLASSES - 1, first_line)
     else:
         if "label" in columns:
             raise InputError(f"{path}: has a 'label' column; test images must be unlabelled "
@@ -109,18 +130,18 @@ def read_digits_csv(path, role):
         raise InputError(f"{path}: {len(pixel_columns)} pixel columns, expected {NUM_PIXELS} (28x28)")
 
     pixels = frame[pixel_columns]
-    _check_numeric(path, pixels)
+    _check_numeric(path, pixels, first_line)
     values = pixels.to_numpy(dtype=np.float64)
     bad = (values < 0) | (values > 255) | (values != np.floor(values))
     if bad.any():
         row, col = np.argwhere(bad)[0]
-        raise InputError(f"{path}: line {row + 2}, column {pixel_columns[col]}: "
+        raise InputError(f"{path}: line {first_line + row}, column {pixel_columns[col]}: "
                          f"value {values[row, col]:g} is not an integer in 0-255")
     return values.astype(np.uint8), labels, ids
 
 
-def _check_numeric(path, frame):
-    """Name the first empty or non-numeric cell (line numbers count the header as line 1)."""
+def _check_numeric(path, frame, first_line):
+    """Name the first empty or non-numeric cell; the frame's first row is on line first_line of the file."""
     for column in frame.columns:
         series = frame[column]
         if pd.api.types.is_numeric_dtype(series) and not series.isna().any():
@@ -129,17 +150,17 @@ def _check_numeric(path, frame):
         row = int(np.flatnonzero(numeric.isna().to_numpy())[0])
         cell = series.iloc[row]
         if pd.isna(cell) or str(cell).strip() == "":
-            raise InputError(f"{path}: line {row + 2}, column {column}: empty cell")
-        raise InputError(f"{path}: line {row + 2}, column {column}: {str(cell)!r} is not a number")
+            raise InputError(f"{path}: line {first_line + row}, column {column}: empty cell")
+        raise InputError(f"{path}: line {first_line + row}, column {column}: {str(cell)!r} is not a number")
 
 
-def _integer_column(path, frame, column, low, high):
-    _check_numeric(path, frame[[column]])
+def _integer_column(path, frame, column, low, high, first_line):
+    _check_numeric(path, frame[[column]], first_line)
     values = frame[column].to_numpy(dtype=np.float64)
     bad = (values < low) | (values > high) | (values != np.floor(values))
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
-        raise InputError(f"{path}: line {row + 2}, column {column}: "
+        raise InputError(f"{path}: line {first_line + row}, column {column}: "
                          f"value {values[row]:g} is not an integer in {low}-{high}")
     return values.astype(np.int64)
 
@@ -370,10 +391,11 @@ def fold_batchnorm(model):
 # Devices and precision
 
 
-def resolve_device(name):
+def resolve_device(name, local_rank=0):
+    """auto: cuda, then mps, then cpu. Under torchrun each process takes the GPU of its LOCAL_RANK."""
+    if name in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -413,6 +435,8 @@ def predict_probs(model, images, views, amp_dtype=None):
     chunks = []
     for start in range(0, len(images), chunk):
         batch = images[start:start + chunk].to(device)
+        if not batch.is_floating_point():  # uint8 test pixels stay on the host until their chunk is needed
+            batch = batch.float().div_(255)
         probs = torch.zeros(len(batch), NUM_CLASSES, device=device)
         for _, view_map in views:
             viewed = batch if view_map is None else warp(batch, view_map.to(device))
@@ -445,41 +469,60 @@ def job_seed(seed, arch, fold):
     return int(np.random.SeedSequence([seed, zlib.crc32(arch.encode()), fold]).generate_state(1)[0])
 
 
-@dataclass
-class JobResult:
-    arch: str
-    fold: int
-    best_val_acc: float
-    best_epoch: int  # 1-based
-    epochs_run: int
-    train_seconds: float
-    images_trained: int
-    history: list  # per epoch: dict(epoch, train_loss, train_acc, val_acc, lr, seconds)
-    val_probs: torch.Tensor  # (n_val, 10) with the TTA views, from the best weights
-    test_probs: torch.Tensor  # (n_test, 10)
-    oof_predict_seconds: float
-    test_predict_seconds: float
+def rng_states(generator, device):
+    states = {"cpu": torch.get_rng_state(), "generator": generator.get_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    elif device.type == "mps":
+        states["mps"] = torch.mps.get_rng_state()
+    return states
 
 
-def train_job(cfg, arch, fold, train_images, train_labels, val_images, val_labels, test_images, device, progress):
-    """Train one model on one fold, keep its best-validation weights, and predict its validation and test images."""
+def set_rng_states(states, generator, device):
+    torch.set_rng_state(states["cpu"])
+    generator.set_state(states["generator"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(states["cuda"], device)
+    elif device.type == "mps":
+        torch.mps.set_rng_state(states["mps"])
+
+
+def train_job(cfg, arch, fold, data, device, progress, recipe):
+    """Train one (architecture, fold) job and write its finished checkpoint (the best-validation weights).
+
+    Every epoch ends by saving the whole training state atomically (weights, optimizer, scheduler, scaler, every
+    random generator, best weights so far, patience), so a run killed at any point continues from its last completed
+    epoch and ends with the same weights as a run never interrupted."""
+    train_idx, val_idx = data.folds[fold]
+    train_images, train_labels = data.images[train_idx], data.labels[train_idx]
+    val_images, val_labels = data.images[val_idx], data.labels[val_idx]
     seed = job_seed(cfg.seed, arch, fold)
     torch.manual_seed(seed)  # model init (on the CPU, so the same on every device) and dropout
     generator = torch.Generator(device=device).manual_seed(seed)  # shuffling and augmentation
-    amp_dtype = autocast_dtype(device)
-    memory_format = memory_format_for(device)
+    amp_dtype, memory_format = autocast_dtype(device), memory_format_for(device)
 
     model = ARCHITECTURES[arch]().to(device, memory_format=memory_format)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-
     n_train = len(train_images)
     # BatchNorm cannot train on a batch of one image: drop a trailing batch of that size.
     n_used = n_train - 1 if n_train % cfg.batch_size == 1 else n_train
-    best_acc, best_epoch, best_state, stale = -1.0, 0, None, 0
-    history, start_time = [], time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
+
+    state_path = checkpoint_path(cfg.out, arch, fold, in_progress=True)
+    job = dict(epoch=0, best_acc=-1.0, best_epoch=0, best_state=None, stale=0, history=[], train_seconds=0.0)
+    saved = load_in_progress(state_path, device)
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        scaler.load_state_dict(saved["scaler"])
+        set_rng_states(saved["rng"], generator, device)
+        job = {key: saved[key] for key in job}
+        progress.resumed(arch, fold, job["epoch"])
+
+    while job["epoch"] < cfg.epochs and job["stale"] < cfg.patience:
+        job["epoch"] += 1
         epoch_start = time.perf_counter()
         model.train()
         loss_sum = torch.zeros((), device=device)
@@ -501,30 +544,29 @@ def train_job(cfg, arch, fold, train_images, train_labels, val_images, val_label
         scheduler.step()
 
         val_acc = accuracy_on_device(fold_batchnorm(model), val_images, val_labels, amp_dtype).item()  # 1 sync/epoch
-        if val_acc > best_acc:
-            best_acc, best_epoch, stale = val_acc, epoch, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if val_acc > job["best_acc"]:
+            job.update(best_acc=val_acc, best_epoch=job["epoch"], stale=0,
+                       best_state={k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
         else:
-            stale += 1
-        record = dict(epoch=epoch, train_loss=loss_sum.item() / n_used, train_acc=correct.item() / n_used,
-                      val_acc=val_acc, lr=lr, seconds=time.perf_counter() - epoch_start)
-        history.append(record)
+            job["stale"] += 1
+        seconds = time.perf_counter() - epoch_start
+        record = dict(epoch=job["epoch"], train_loss=loss_sum.item() / n_used, train_acc=correct.item() / n_used,
+                      val_acc=val_acc, lr=lr, seconds=seconds)
+        job["history"].append(record)
+        job["train_seconds"] += seconds
+        write_atomic(state_path, lambda tmp: torch.save({
+            **job, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "rng": rng_states(generator, device), "recipe": recipe}, tmp))
         progress(arch, fold, record)
-        if stale >= cfg.patience:
-            break
-    train_seconds = time.perf_counter() - start_time
+    progress.job_done(job["epoch"])
 
-    model.load_state_dict(best_state)
-    save_checkpoint(cfg, arch, fold, model, best_epoch, best_acc)
-    views, inference_model = tta_views(tta=cfg.tta), fold_batchnorm(model)
-    predict_start = time.perf_counter()
-    val_probs = predict_probs(inference_model, val_images, views, amp_dtype)
-    oof_seconds = time.perf_counter() - predict_start
-    test_probs = predict_probs(inference_model, test_images, views, amp_dtype)
-    return JobResult(arch=arch, fold=fold, best_val_acc=best_acc, best_epoch=best_epoch, epochs_run=len(history),
-                     train_seconds=train_seconds, images_trained=n_used * len(history), history=history,
-                     val_probs=val_probs, test_probs=test_probs, oof_predict_seconds=oof_seconds,
-                     test_predict_seconds=time.perf_counter() - predict_start - oof_seconds)
+    finished = {"model": job["best_state"], "arch": arch, "fold": fold, "epoch": job["best_epoch"],
+                "val_acc": job["best_acc"], "config": config_dict(cfg), "recipe": recipe, "finished": True,
+                "history": job["history"], "train_seconds": job["train_seconds"],
+                "images_trained": n_used * len(job["history"])}
+    write_atomic(checkpoint_path(cfg.out, arch, fold), lambda tmp: torch.save(finished, tmp))
+    os.remove(state_path)
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -541,19 +583,57 @@ def write_atomic(path, write):
             os.remove(tmp)
 
 
-def save_checkpoint(cfg, arch, fold, model, epoch, val_acc):
-    state = {"model": {k: v.cpu() for k, v in model.state_dict().items()}, "arch": arch, "fold": fold,
-             "epoch": epoch, "val_acc": val_acc, "config": config_dict(cfg)}
-    path = os.path.join(cfg.out, "checkpoints", f"{arch}_fold{fold}.pt")
-    write_atomic(path, lambda tmp: torch.save(state, tmp))
+def checkpoint_path(out, arch, fold, in_progress=False):
+    """checkpoints/<arch>_fold<k>.pt once a job is finished; <arch>_fold<k>.state.pt while it trains."""
+    return os.path.join(out, "checkpoints", f"{arch}_fold{fold}{'.state' if in_progress else ''}.pt")
 
 
 def load_checkpoint(path, device="cpu"):
     """Checkpoints are data, never code: weights_only refuses anything but tensors and plain containers."""
-    state = torch.load(path, map_location=device, weights_only=True)
-    model = ARCHITECTURES[state["arch"]]()
-    model.load_state_dict(state["model"])
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+        model = ARCHITECTURES[state["arch"]]()
+        model.load_state_dict(state["model"])
+    except Exception as e:  # torch.load raises many kinds on a truncated or foreign file
+        raise InputError(f"{path}: not a readable checkpoint ({type(e).__name__}); delete it to retrain that job, "
+                         "or pass --fresh to start over") from None
     return model, state
+
+
+def load_in_progress(path, device):
+    """The saved state of an unfinished job, or None. An unreadable one (a disk fault: writes are atomic) is
+    reported and the job starts over, which redoes at most the epochs it held."""
+    if not os.path.exists(path):
+        return None
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        print(f"warning: {path}: unreadable ({type(e).__name__}); that job starts over", file=sys.stderr, flush=True)
+        return None
+
+
+RECIPE_KEYS = ("seed", "folds", "epochs", "batch_size", "lr", "weight_decay", "label_smoothing", "patience", "limit")
+
+
+def check_saved_recipes(cfg, recipe):
+    """Refuse to mix checkpoints of another recipe (seed, schedule, folds, data) into this run."""
+    for path in sorted(glob.glob(os.path.join(cfg.out, "checkpoints", "*_fold*.pt"))):
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("recipe", {})
+        except Exception:
+            if path.endswith(".state.pt"):
+                continue  # train_job reports it and starts that job over
+            load_checkpoint(path)  # raises the one-line error naming the file
+        changed = [key for key in recipe if saved.get(key) != recipe[key]]
+        if changed:
+            what = ", ".join(f"{key} {saved.get(key)!r} -> {recipe[key]!r}" for key in changed)
+            raise InputError(f"{path}: made with a different recipe ({what}); pass --fresh to discard the saved "
+                             "state, or choose another --out")
+
+
+def remove_saved_state(out):
+    for path in glob.glob(os.path.join(out, "checkpoints", "*_fold*.pt*")):
+        os.remove(path)
 
 
 def config_dict(cfg):
@@ -566,10 +646,11 @@ def write_csv(path, frame, float_format=None):
 
 def prepare_out(out):
     """Fail before training, not after an hour, when the output directory cannot be written."""
+    probe = os.path.join(out, "checkpoints", f".write-test{os.getpid()}")
     try:
         os.makedirs(os.path.join(out, "checkpoints"), exist_ok=True)
-        write_atomic(os.path.join(out, "checkpoints", ".write-test"), lambda tmp: open(tmp, "w").close())
-        os.remove(os.path.join(out, "checkpoints", ".write-test"))
+        write_atomic(probe, lambda tmp: open(tmp, "w").close())
+        os.remove(probe)
     except OSError as e:
         raise InputError(f"{out}: output directory cannot be written ({e.strerror or e})") from None
 
@@ -582,22 +663,32 @@ def format_seconds(seconds):
 
 
 class Progress:
-    """One line per epoch, with an ETA for the whole run from the mean epoch time so far."""
+    """One line per epoch, with an ETA for this process's remaining jobs from the mean epoch time so far."""
 
-    def __init__(self, cfg):
-        self.cfg, self.total = cfg, len(cfg.archs) * cfg.folds * cfg.epochs
-        self.done, self.seconds = 0, 0.0
+    def __init__(self, cfg, jobs, rank=0, world=1):
+        self.cfg, self.total = cfg, jobs * cfg.epochs
+        self.prefix = f"[rank {rank}] " if world > 1 else ""
+        self.done, self.seconds, self.timed = 0, 0.0, 0
 
     def __call__(self, arch, fold, r):
         self.done += 1
+        self.timed += 1
         self.seconds += r["seconds"]
-        eta = self.seconds / self.done * (self.total - self.done)
-        print(f"{arch:<6} fold {fold + 1}/{self.cfg.folds} epoch {r['epoch']:>2}/{self.cfg.epochs}  "
+        eta = self.seconds / self.timed * (self.total - self.done)
+        print(f"{self.prefix}{arch:<6} fold {fold + 1}/{self.cfg.folds} epoch {r['epoch']:>2}/{self.cfg.epochs}  "
               f"loss {r['train_loss']:.4f}  train {r['train_acc']:.4f}  val {r['val_acc']:.4f}  "
               f"lr {r['lr']:.2e}  {r['seconds']:.1f}s  eta {format_seconds(eta)}", flush=True)
 
-    def job_stopped_early(self, epochs_skipped):
-        self.total -= epochs_skipped
+    def resumed(self, arch, fold, epochs_done):
+        self.done += epochs_done
+        print(f"{self.prefix}{arch:<6} fold {fold + 1}/{self.cfg.folds} resumes after epoch {epochs_done}", flush=True)
+
+    def skipped(self, arch, fold):
+        self.done += self.cfg.epochs
+        print(f"{self.prefix}{arch:<6} fold {fold + 1}/{self.cfg.folds} finished earlier: skipped", flush=True)
+
+    def job_done(self, epochs_run):  # early stopping leaves epochs that will never run
+        self.total -= self.cfg.epochs - epochs_run
 
 
 def library_versions():
@@ -779,18 +870,11 @@ def read_image_file(path):
 
 def load_ensemble(out, device):
     directory = os.path.join(out, "checkpoints")
-    paths = sorted(glob.glob(os.path.join(directory, "*_fold*.pt")))
+    paths = sorted(p for p in glob.glob(os.path.join(directory, "*_fold*.pt")) if not p.endswith(".state.pt"))
     if not paths:
         raise InputError(f"{directory}: no checkpoints; train first, e.g. "
                          f"python digit_recognizer.py --data DIR --out {out}")
-    models = []
-    for path in paths:
-        try:
-            model, _ = load_checkpoint(path, device)
-        except Exception as e:  # torch.load raises many kinds on a truncated or foreign file
-            raise InputError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
-        models.append(fold_batchnorm(model.to(device)))
-    return models
+    return [fold_batchnorm(load_checkpoint(path, device)[0].to(device)) for path in paths]
 
 
 def predict_files(cfg):
@@ -831,70 +915,203 @@ def resolve_data_dir(cfg):
                      "test.csv), or try --demo")
 
 
-def run(cfg):
-    wall_start = time.perf_counter()
-    device = resolve_device(cfg.device)
-    demo_labels = None
-    if cfg.demo:
-        cfg.data = os.path.join(cfg.out, "demo_data")
-        prepare_out(cfg.out)
-        demo_labels = make_demo_data(cfg.data, seed=cfg.seed)
+@dataclass
+class Digits:
+    images: torch.Tensor  # (N, 1, 28, 28) float32 in [0, 1] on the training device
+    labels: torch.Tensor  # (N,) int64 on the training device
+    label_array: np.ndarray  # (N,) the same labels on the host
+    test_images: torch.Tensor  # (M, 1, 28, 28) uint8 on the host: predicted chunk by chunk
+    folds: list  # per fold: (train indices, validation indices) on the training device
+    submission: tuple  # (id column name, id values, label column name)
+    digest: str  # fingerprint of the training rows, part of the recipe
+
+
+def load_data(cfg, device):
+    """Read and validate everything before any training: a bad cell fails in a second, not after an hour."""
     data_dir = resolve_data_dir(cfg)
-    train_pixels, labels, _ = read_digits_csv(os.path.join(data_dir, "train.csv"), "train")
+    train_path = os.path.join(data_dir, "train.csv")
+    train_pixels, labels, _ = read_digits_csv(train_path, "train")
     test_pixels, _, test_ids = read_digits_csv(os.path.join(data_dir, "test.csv"), "test")
-    id_name, ids, label_name = submission_columns(data_dir, test_ids, len(test_pixels))
+    submission = submission_columns(data_dir, test_ids, len(test_pixels))
     if cfg.limit is not None:
         train_pixels, labels = train_pixels[:cfg.limit], labels[:cfg.limit]
     counts = np.bincount(labels, minlength=NUM_CLASSES)
     for digit in np.flatnonzero(counts):
         if counts[digit] < cfg.folds:
-            raise InputError(f"{os.path.join(data_dir, 'train.csv')}: digit {digit} has {counts[digit]} images, "
-                             f"fewer than --folds {cfg.folds}")
+            raise InputError(f"{train_path}: digit {digit} has {counts[digit]} images, fewer than --folds {cfg.folds}")
+    folds = StratifiedKFold(n_splits=cfg.folds, shuffle=True, random_state=cfg.seed).split(train_pixels, labels)
+    to_device = lambda idx: torch.from_numpy(idx).to(device)
+    return Digits(images=to_image_tensor(train_pixels, device), labels=torch.from_numpy(labels).to(device),
+                  label_array=labels, test_images=torch.from_numpy(test_pixels).view(-1, 1, IMAGE_SIZE, IMAGE_SIZE),
+                  folds=[(to_device(t), to_device(v)) for t, v in folds], submission=submission,
+                  digest=hashlib.sha256(train_pixels.tobytes() + labels.tobytes()).hexdigest()[:16])
+
+
+def adopt_saved_recipe(cfg):
+    """--predict-only: take seed, folds and the rest from the finished checkpoints instead of the flags."""
+    directory = os.path.join(cfg.out, "checkpoints")
+    paths = sorted(p for p in glob.glob(os.path.join(directory, "*_fold*.pt")) if not p.endswith(".state.pt"))
+    if not paths:
+        raise InputError(f"{directory}: no finished checkpoints to predict from; train first, e.g. "
+                         f"python digit_recognizer.py --data DIR --out {cfg.out}")
+    _, state = load_checkpoint(paths[0])
+    for key in RECIPE_KEYS:
+        setattr(cfg, key, state["recipe"][key])
+
+
+def start_distributed(cfg):
+    """(rank, world size, local rank): several processes under torchrun, one process otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, 0
+    import datetime
+    import torch.distributed as dist
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = cfg.device in ("auto", "cuda") and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():  # a long job must not time out the others' barrier
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(days=7))
+    return dist.get_rank(), world, local_rank
+
+
+def barrier(world):
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def run(cfg):
+    """Train every (architecture, fold) job this process owns, then (rank 0) predict and write the outputs."""
+    rank, world, local_rank = start_distributed(cfg)
+    try:
+        return _run(cfg, rank, world, local_rank)
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
+
+
+def _run(cfg, rank, world, local_rank):
+    wall_start = time.perf_counter()
+    device = resolve_device(cfg.device, local_rank)
+    demo_labels = None
+    if cfg.demo:
+        cfg.data = os.path.join(cfg.out, "demo_data")
+        prepare_out(cfg.out)
+        demo_labels = make_demo_data(cfg.data, seed=cfg.seed)
+    if cfg.predict_only:
+        adopt_saved_recipe(cfg)
+    data = load_data(cfg, device)
     prepare_out(cfg.out)
+    recipe = {**{key: getattr(cfg, key) for key in RECIPE_KEYS}, "data": data.digest}
+    if cfg.fresh and rank == 0:
+        remove_saved_state(cfg.out)
+    barrier(world)
+    check_saved_recipes(cfg, recipe)
 
     amp_dtype = autocast_dtype(device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    precision = {None: "float32", torch.bfloat16: "bfloat16 autocast", torch.float16: "float16 autocast"}[amp_dtype]
-    print(f"device {device} ({precision}), {len(labels)} training images, {len(test_pixels)} test images, "
-          f"{len(cfg.archs)} architectures x {cfg.folds} folds, {cfg.epochs} epochs", flush=True)
+    folds = cfg.fold if cfg.fold else tuple(range(cfg.folds))
+    jobs = [] if cfg.predict_only else [(arch, fold) for arch in cfg.archs for fold in folds]
+    mine = jobs[rank::world]  # every job seeds itself, so the split cannot change any result
+    if mine:
+        print(f"{'[rank %d] ' % rank if world > 1 else ''}device {device} ({precision_name(amp_dtype)}), "
+              f"{len(data.labels)} training images, {len(data.test_images)} test images, {len(mine)} jobs of "
+              f"{cfg.epochs} epochs", flush=True)
+    progress = Progress(cfg, len(mine), rank, world)
+    for arch, fold in mine:
+        if os.path.exists(checkpoint_path(cfg.out, arch, fold)):
+            progress.skipped(arch, fold)
+        else:
+            train_job(cfg, arch, fold, data, device, progress, recipe)
+    barrier(world)
+    if rank != 0:
+        return None
+    return write_outputs(cfg, data, device, wall_start, demo_labels)
 
-    images = to_image_tensor(train_pixels, device)
-    targets = torch.from_numpy(labels).to(device)
-    test_images = to_image_tensor(test_pixels, device)
-    folds = list(StratifiedKFold(n_splits=cfg.folds, shuffle=True, random_state=cfg.seed)
-                 .split(np.zeros(len(labels)), labels))
 
-    progress, results = Progress(cfg), []
-    jobs_start = time.perf_counter()
+def precision_name(amp_dtype):
+    return {None: "float32", torch.bfloat16: "bfloat16 autocast", torch.float16: "float16 autocast"}[amp_dtype]
+
+
+@dataclass
+class JobResult:
+    arch: str
+    fold: int
+    best_val_acc: float
+    best_epoch: int  # 1-based
+    history: list  # per epoch: dict(epoch, train_loss, train_acc, val_acc, lr, seconds)
+    train_seconds: float
+    images_trained: int
+    val_probs: torch.Tensor  # (n_val, 10) with the TTA views, from the best weights
+    test_probs: torch.Tensor  # (n_test, 10)
+    oof_predict_seconds: float
+    test_predict_seconds: float
+
+
+def predict_jobs(cfg, data, device):
+    """Every finished checkpoint predicts its fold's validation rows and the test set; returns (results, missing)."""
+    views, amp_dtype = tta_views(tta=cfg.tta), autocast_dtype(device)
+    results, missing = [], []
     for arch in cfg.archs:
-        for fold, (train_idx, val_idx) in enumerate(folds):
-            train_idx, val_idx = torch.from_numpy(train_idx).to(device), torch.from_numpy(val_idx).to(device)
-            result = train_job(cfg, arch, fold, images[train_idx], targets[train_idx], images[val_idx],
-                               targets[val_idx], test_images, device, progress)
-            progress.job_stopped_early(cfg.epochs - result.epochs_run)
-            results.append(result)
+        for fold in range(cfg.folds):
+            path = checkpoint_path(cfg.out, arch, fold)
+            if not os.path.exists(path):
+                missing.append(f"{arch}_fold{fold}")
+                continue
+            model, state = load_checkpoint(path, device)
+            model = fold_batchnorm(model.to(device))
+            start = time.perf_counter()
+            val_probs = predict_probs(model, data.images[data.folds[fold][1]], views, amp_dtype)
+            middle = time.perf_counter()
+            test_probs = predict_probs(model, data.test_images, views, amp_dtype)
+            results.append(JobResult(
+                arch=arch, fold=fold, best_val_acc=state["val_acc"], best_epoch=state["epoch"],
+                history=state["history"], train_seconds=state["train_seconds"],
+                images_trained=state["images_trained"], val_probs=val_probs, test_probs=test_probs,
+                oof_predict_seconds=middle - start, test_predict_seconds=time.perf_counter() - middle))
+    if not results:
+        raise InputError(f"{os.path.join(cfg.out, 'checkpoints')}: no finished checkpoints for --archs "
+                         f"{','.join(cfg.archs)}; train first")
+    if missing:
+        print(f"missing jobs, left out of the ensemble: {', '.join(missing)}", flush=True)
+    return results
 
-    # Ensemble: softmax averaged over every model and view. OOF: per architecture, then the mean of architectures.
+
+def write_outputs(cfg, data, device, wall_start, demo_labels=None):
+    """The ensemble from the finished checkpoints: submission.csv, oof.csv, pictures, metrics.json."""
+    predict_start = time.perf_counter()
+    results = predict_jobs(cfg, data, device)
+    labels = data.label_array
+
+    # Ensemble: softmax averaged over every model and view. OOF: per architecture with all its folds present,
+    # then the mean of those architectures.
     test_probs = torch.stack([r.test_probs for r in results]).mean(0).numpy()
     oof_by_arch = {}
     for arch in cfg.archs:
-        oof = np.zeros((len(labels), NUM_CLASSES), dtype=np.float32)
-        for r in results:
-            if r.arch == arch:
-                oof[folds[r.fold][1]] = r.val_probs.numpy()
-        oof_by_arch[arch] = oof
-    oof_probs = np.mean(list(oof_by_arch.values()), axis=0)
-    oof_acc = {arch: float((p.argmax(1) == labels).mean()) for arch, p in oof_by_arch.items()}
-    oof_acc["ensemble"] = float((oof_probs.argmax(1) == labels).mean())
+        arch_results = [r for r in results if r.arch == arch]
+        if len(arch_results) == cfg.folds:
+            oof = np.zeros((len(labels), NUM_CLASSES), dtype=np.float32)
+            for r in arch_results:
+                oof[data.folds[r.fold][1].cpu().numpy()] = r.val_probs.numpy()
+            oof_by_arch[arch] = oof
 
     predictions = test_probs.argmax(1)
+    id_name, ids, label_name = data.submission
     write_csv(os.path.join(cfg.out, "submission.csv"), pd.DataFrame({id_name: ids, label_name: predictions}))
-    oof_frame = pd.DataFrame({"index": np.arange(len(labels)), "label": labels, "pred": oof_probs.argmax(1)})
-    for digit in range(NUM_CLASSES):
-        oof_frame[f"p{digit}"] = oof_probs[:, digit]
-    write_csv(os.path.join(cfg.out, "oof.csv"), oof_frame, float_format="%.6f")
-    write_pictures(cfg, results, labels, oof_probs, images, torch.Generator(device=device).manual_seed(cfg.seed))
+    oof_acc = {}
+    if oof_by_arch:
+        oof_probs = np.mean(list(oof_by_arch.values()), axis=0)
+        oof_acc = {arch: float((p.argmax(1) == labels).mean()) for arch, p in oof_by_arch.items()}
+        oof_acc["ensemble"] = float((oof_probs.argmax(1) == labels).mean())
+        oof_frame = pd.DataFrame({"index": np.arange(len(labels)), "label": labels, "pred": oof_probs.argmax(1)})
+        for digit in range(NUM_CLASSES):
+            oof_frame[f"p{digit}"] = oof_probs[:, digit]
+        write_csv(os.path.join(cfg.out, "oof.csv"), oof_frame, float_format="%.6f")
+        write_pictures(cfg, results, labels, oof_probs, data.images,
+                       torch.Generator(device=device).manual_seed(cfg.seed))
+    else:
+        print("no architecture has all its folds: no out-of-fold report and no pictures", flush=True)
 
     images_trained = sum(r.images_trained for r in results)
     train_seconds = sum(r.train_seconds for r in results)
@@ -902,21 +1119,21 @@ def run(cfg):
     metrics = {
         "config": config_dict(cfg),
         "device": str(device) if device.type != "cuda" else f"cuda ({torch.cuda.get_device_name(device)})",
-        "precision": precision,
+        "precision": precision_name(autocast_dtype(device)),
         "versions": library_versions(),
         "jobs": [{"arch": r.arch, "fold": r.fold, "best_val_acc": r.best_val_acc, "best_epoch": r.best_epoch,
-                  "epochs_run": r.epochs_run, "train_seconds": r.train_seconds,
+                  "epochs_run": len(r.history), "train_seconds": r.train_seconds,
                   "oof_predict_seconds": r.oof_predict_seconds, "test_predict_seconds": r.test_predict_seconds,
-                  "train_images_per_second": r.images_trained / r.train_seconds, "history": r.history}
+                  "train_images_per_second": r.images_trained / max(r.train_seconds, 1e-9), "history": r.history}
                  for r in results],
         "oof_accuracy": oof_acc,
-        "setup_seconds": jobs_start - wall_start,
-        "train_seconds": train_seconds,  # training loops, per-epoch validation included
+        "train_seconds": train_seconds,  # training loops, per-epoch validation included, over every session
         "oof_predict_seconds": sum(r.oof_predict_seconds for r in results),
         "test_predict_seconds": test_seconds,
-        "train_images_per_second": images_trained / train_seconds,
-        "test_tta_images_per_second": len(test_pixels) * len(results) * len(tta_views(tta=cfg.tta)) / test_seconds,
-        "wall_seconds": time.perf_counter() - wall_start,
+        "train_images_per_second": images_trained / max(train_seconds, 1e-9),
+        "test_tta_images_per_second": len(data.test_images) * len(results) * len(tta_views(tta=cfg.tta)) / test_seconds,
+        "predict_seconds": time.perf_counter() - predict_start,
+        "wall_seconds": time.perf_counter() - wall_start,  # this session only
     }
     if demo_labels is not None:
         metrics["demo_test_accuracy"] = float((predictions == demo_labels).mean())
@@ -931,10 +1148,10 @@ def print_summary(cfg, results, oof_acc, metrics):
     for r in results:
         print(f"{r.arch:<8}{r.fold:>5}{r.best_epoch:>12}{r.best_val_acc:>10.4f}{r.train_seconds:>10.1f}")
     views = "4-view TTA" if cfg.tta else "no TTA"
-    print("out-of-fold accuracy (" + views + "): " + "  ".join(f"{k} {v:.4f}" for k, v in oof_acc.items()))
+    if oof_acc:
+        print("out-of-fold accuracy (" + views + "): " + "  ".join(f"{k} {v:.4f}" for k, v in oof_acc.items()))
     print(f"trained {metrics['train_images_per_second']:.0f} images/s, wall time "
-          f"{format_seconds(metrics['wall_seconds'])}; wrote submission.csv, oof.csv, metrics.json, checkpoints/ "
-          f"in {os.path.abspath(cfg.out)}")
+          f"{format_seconds(metrics['wall_seconds'])}; outputs in {os.path.abspath(cfg.out)}")
     if "demo_test_accuracy" in metrics:
         print(f"demo held-out test accuracy: {metrics['demo_test_accuracy']:.4f}")
 
@@ -985,6 +1202,13 @@ def parse_args(argv=None):
     run_group.add_argument("--device", default=defaults.device, choices=["auto", "cpu", "cuda", "mps"],
                            help="auto picks cuda, then mps, then cpu")
     run_group.add_argument("--no-tta", action="store_true", help="predict the plain images only")
+    long_runs = parser.add_argument_group("long runs, several processes")
+    long_runs.add_argument("--fold", default=None, metavar="K[,K...]",
+                           help="train only these folds (numbered from 0, as in checkpoints/<arch>_fold<k>.pt)")
+    long_runs.add_argument("--predict-only", action="store_true",
+                           help="no training: build the outputs from the finished checkpoints in --out")
+    long_runs.add_argument("--fresh", action="store_true",
+                           help="discard the checkpoints and saved training state in --out before starting")
     predict = parser.add_argument_group("predict your own digits")
     predict.add_argument("--predict", nargs="+", metavar="IMAGE", default=None,
                          help="classify these image files (PNG, JPEG, ...; any size, either polarity) with the "
@@ -1017,16 +1241,31 @@ def parse_args(argv=None):
     for ok, message in checks:
         if not ok:
             raise InputError(message)
+    folds = ()
+    if args.fold is not None:
+        try:
+            folds = tuple(sorted({int(k) for k in args.fold.split(",")}))
+        except ValueError:
+            raise InputError(f"--fold: expected fold numbers like 0 or 0,3, got {args.fold!r}") from None
+        if not all(0 <= k < args.folds for k in folds):
+            raise InputError(f"--fold: folds are numbered 0 to {args.folds - 1} (--folds {args.folds})")
 
     cfg = Config(data=args.data, out=args.out or ("demo_run" if args.demo else "."), epochs=args.epochs,
                  folds=args.folds, archs=archs, batch_size=args.batch_size, lr=args.lr,
                  weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, patience=args.patience,
                  seed=args.seed, device=args.device, tta=not args.no_tta, limit=args.limit, demo=args.demo,
-                 predict=tuple(args.predict or ()), verbose=args.verbose)
+                 predict=tuple(args.predict or ()), verbose=args.verbose, fold=folds,
+                 predict_only=args.predict_only, fresh=args.fresh)
     return cfg
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (a killed Kaggle session, a scheduler) stops as cleanly as Ctrl-C
+
+
 def main(argv=None):
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous_handler = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
     try:
         cfg = parse_args(argv)
         if cfg.predict:
@@ -1036,8 +1275,12 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: no submission was written", file=sys.stderr)
+        print("interrupted: every job saves its state after each epoch; run the same command again to continue "
+              "(add --fresh to start over)", file=sys.stderr)
         return 130
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous_handler)
     return 0
 
 
