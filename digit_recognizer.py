@@ -1005,6 +1005,9 @@ def _run(cfg, rank, world, local_rank):
     recipe = {**{key: getattr(cfg, key) for key in RECIPE_KEYS}, "data": data.digest}
     if cfg.fresh and rank == 0:
         remove_saved_state(cfg.out)
+    if world == 1:  # what a kill in the middle of a write left behind (with several processes, maybe a live write)
+        for leftover in glob.glob(os.path.join(cfg.out, "checkpoints", "*.tmp*")):
+            os.remove(leftover)
     barrier(world)
     check_saved_recipes(cfg, recipe)
 

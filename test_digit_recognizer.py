@@ -252,20 +252,25 @@ def test_checkpoints_load_as_data_and_reproduce_the_validation_accuracy(smoke_ru
     assert acc.item() == pytest.approx(state["val_acc"])
 
 
-def test_two_seeded_runs_write_identical_files(small_dir, tmp_path):
-    for name in ("a", "b"):
-        assert dr.main(tiny_args(small_dir, tmp_path / name)) == 0
+@pytest.fixture(scope="session")
+def both_archs_run(small_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("both")
+    assert dr.main(tiny_args(small_dir, out)) == 0
+    return out
+
+
+def test_two_seeded_runs_write_identical_files(small_dir, both_archs_run, tmp_path):
+    assert dr.main(tiny_args(small_dir, tmp_path)) == 0
     for name in ("submission.csv", "oof.csv"):
-        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+        assert (tmp_path / name).read_bytes() == (both_archs_run / name).read_bytes()
 
 
-def test_a_job_does_not_depend_on_the_jobs_before_it(small_dir, tmp_path):
+def test_a_job_does_not_depend_on_the_jobs_before_it(small_dir, both_archs_run, tmp_path):
     """The wide models of a resnet+wide run equal those of a wide-only run."""
-    assert dr.main(tiny_args(small_dir, tmp_path / "both", "--archs", "resnet,wide")) == 0
-    assert dr.main(tiny_args(small_dir, tmp_path / "wide", "--archs", "wide")) == 0
+    assert dr.main(tiny_args(small_dir, tmp_path, "--archs", "wide")) == 0
     for fold in (0, 1):
-        a = torch.load(tmp_path / "both" / "checkpoints" / f"wide_fold{fold}.pt", weights_only=True)["model"]
-        b = torch.load(tmp_path / "wide" / "checkpoints" / f"wide_fold{fold}.pt", weights_only=True)["model"]
+        a = torch.load(both_archs_run / "checkpoints" / f"wide_fold{fold}.pt", weights_only=True)["model"]
+        b = torch.load(tmp_path / "checkpoints" / f"wide_fold{fold}.pt", weights_only=True)["model"]
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -574,3 +579,164 @@ def test_a_sample_submission_that_does_not_fit_exits_2(small_dir, tmp_path, caps
     pd.DataFrame({"ImageId": range(1, 31), "Label": 0}).to_csv(data / "sample_submission.csv", index=False)
     assert dr.main(tiny_args(data, tmp_path / "out")) == 2
     assert capsys.readouterr().err == f"error: {data / 'sample_submission.csv'}: 30 rows, but test.csv has 40\n"
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Long runs: exact resume, recipe checks, corrupt files, --fold + --predict-only, torchrun
+
+
+SCRIPT = os.path.join(HERE, "digit_recognizer.py")
+
+
+def long_run_args(data, out, *extra):
+    return ["--data", str(data), "--out", str(out), "--archs", "wide", "--folds", "2", "--epochs", "3",
+            "--batch-size", "32", "--device", "cpu", *extra]
+
+
+def run_script(args, env=None, launcher=(sys.executable,)):
+    return subprocess.run([*launcher, SCRIPT, *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+def output_bytes(out):
+    return {name: (out / name).read_bytes() for name in ("submission.csv", "oof.csv")}
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_run(small_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    result = run_script(long_run_args(small_dir, out))
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(uninterrupted_run):
+    return output_bytes(uninterrupted_run)
+
+
+def test_resume_after_sigkill_mid_epoch_gives_identical_outputs(small_dir, tmp_path, uninterrupted):
+    import signal
+    import time
+    state = tmp_path / "checkpoints" / "wide_fold0.state.pt"
+    process = subprocess.Popen([sys.executable, SCRIPT, *long_run_args(small_dir, tmp_path)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not state.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)  # epoch 1 is saved; epoch 2 is under way
+    process.wait()
+    assert state.exists() and not (tmp_path / "submission.csv").exists()
+    saved_epoch = torch.load(state, weights_only=True)["epoch"]
+    result = run_script(long_run_args(small_dir, tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert f"resumes after epoch {saved_epoch}" in result.stdout
+    assert output_bytes(tmp_path) == uninterrupted
+
+
+def test_resume_after_interrupt_during_checkpoint_write(small_dir, tmp_path, uninterrupted, monkeypatch, capsys):
+    real_save, calls = torch.save, []
+
+    def interrupted_save(obj, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:  # the second epoch's state: half written, then Ctrl-C
+            real_save(obj, path, *args, **kwargs)
+            with open(path, "r+b") as f:
+                f.truncate(os.path.getsize(path) // 2)
+            raise KeyboardInterrupt
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(dr.torch, "save", interrupted_save)
+    assert dr.main(long_run_args(small_dir, tmp_path)) == 130
+    assert "run the same command again to continue" in capsys.readouterr().err
+    checkpoints = tmp_path / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["wide_fold0.state.pt"]  # no half-written file left
+    assert torch.load(checkpoints / "wide_fold0.state.pt", weights_only=True)["epoch"] == 1
+    (checkpoints / "wide_fold0.state.pt.tmp99999").write_bytes(b"what a SIGKILL mid-write leaves")
+    monkeypatch.setattr(dr.torch, "save", real_save)
+    result = run_script(long_run_args(small_dir, tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert output_bytes(tmp_path) == uninterrupted
+    assert not list(checkpoints.glob("*.tmp*"))
+
+
+def test_a_finished_run_skips_its_jobs(small_dir, uninterrupted_run, uninterrupted, capsys):
+    assert dr.main(long_run_args(small_dir, uninterrupted_run)) == 0
+    assert capsys.readouterr().out.count("finished earlier: skipped") == 2
+    assert output_bytes(uninterrupted_run) == uninterrupted
+
+
+@pytest.mark.parametrize("changed,difference", [(["--seed", "7"], "seed 42 -> 7"), (["--epochs", "2"], "epochs 1 -> 2"),
+                                                (["--limit", "200"], "limit None -> 200")])
+def test_a_changed_recipe_in_the_same_out_exits_2(changed, difference, small_dir, tmp_path, capsys):
+    base = long_run_args(small_dir, tmp_path, "--epochs", "1")
+    assert dr.main(base) == 0
+    capsys.readouterr()
+    assert dr.main(base + changed) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and difference in err and "--fresh" in err
+    assert dr.main(base + changed + ["--fresh"]) == 0
+
+
+def test_device_and_tta_options_do_not_count_as_a_new_recipe(small_dir, tmp_path):
+    assert dr.main(long_run_args(small_dir, tmp_path, "--epochs", "1")) == 0
+    assert dr.main(long_run_args(small_dir, tmp_path, "--epochs", "1", "--no-tta", "--device", "auto")) == 0
+
+
+def test_a_corrupt_finished_checkpoint_exits_2_naming_it(small_dir, tmp_path, capsys):
+    assert dr.main(long_run_args(small_dir, tmp_path, "--epochs", "1")) == 0
+    checkpoint = tmp_path / "checkpoints" / "wide_fold1.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
+    capsys.readouterr()
+    assert dr.main(long_run_args(small_dir, tmp_path, "--epochs", "1")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {checkpoint}: not a readable checkpoint") and err.count("\n") == 1
+
+
+def test_a_corrupt_in_progress_state_is_redone(small_dir, tmp_path, uninterrupted):
+    (tmp_path / "checkpoints").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "wide_fold0.state.pt").write_bytes(b"\x00garbage")
+    result = run_script(long_run_args(small_dir, tmp_path))
+    assert result.returncode == 0 and "wide_fold0.state.pt: unreadable" in result.stderr
+    assert output_bytes(tmp_path) == uninterrupted
+
+
+def test_fold_runs_merged_by_predict_only_equal_one_full_run(small_dir, tmp_path, uninterrupted, capsys):
+    assert dr.main(long_run_args(small_dir, tmp_path, "--fold", "1")) == 0
+    assert "missing jobs, left out of the ensemble: wide_fold0" in capsys.readouterr().out
+    assert not (tmp_path / "oof.csv").exists()  # no out-of-fold report until every fold is there
+    assert dr.main(long_run_args(small_dir, tmp_path, "--fold", "0")) == 0
+    (tmp_path / "submission.csv").unlink()
+    (tmp_path / "oof.csv").unlink()
+    assert dr.main(["--predict-only", "--data", str(small_dir), "--out", str(tmp_path), "--archs", "wide"]) == 0
+    assert output_bytes(tmp_path) == uninterrupted
+
+
+def test_predict_only_without_checkpoints_exits_2(small_dir, tmp_path, capsys):
+    assert dr.main(["--predict-only", "--data", str(small_dir), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no finished checkpoints" in err
+
+
+def test_torchrun_with_two_cpu_processes_equals_one_process(small_dir, tmp_path):
+    one_thread = {"OMP_NUM_THREADS": "1"}  # torchrun gives each of its processes one thread
+    single = run_script(long_run_args(small_dir, tmp_path / "single"), env=one_thread)
+    assert single.returncode == 0, single.stderr
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+    double = run_script(long_run_args(small_dir, tmp_path / "double"), env=one_thread, launcher=launcher)
+    assert double.returncode == 0, double.stderr
+    assert "[rank 0] wide   fold 1/2" in double.stdout and "[rank 1] wide   fold 2/2" in double.stdout
+    assert output_bytes(tmp_path / "double") == output_bytes(tmp_path / "single")
+
+
+def test_csv_is_read_in_chunks_with_the_right_line_numbers(tmp_path):
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(rng.integers(0, 256, (25, 784)), columns=[f"pixel{i}" for i in range(784)])
+    frame.loc[17, "pixel3"] = 300
+    frame.to_csv(tmp_path / "test.csv", index=False)
+    with pytest.raises(dr.InputError, match="line 19, column pixel3: value 300"):
+        dr.read_digits_csv(str(tmp_path / "test.csv"), "test", chunk_rows=7)
+    frame.loc[17, "pixel3"] = 3
+    frame.to_csv(tmp_path / "test.csv", index=False)
+    pixels, _, _ = dr.read_digits_csv(str(tmp_path / "test.csv"), "test", chunk_rows=7)
+    assert np.array_equal(pixels, frame.to_numpy())
