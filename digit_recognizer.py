@@ -7,10 +7,13 @@ over 10 models x 4 fixed test-time views.
     python digit_recognizer.py --data /kaggle/input/digit-recognizer      # full run -> ./submission.csv
     python digit_recognizer.py --demo                                      # no download, a few CPU minutes
     python digit_recognizer.py --data DIR --archs wide --folds 2 --epochs 6 --out runs/quick
+    torchrun --standalone --nproc_per_node=2 digit_recognizer.py --data DIR  # jobs spread over 2 GPUs
+    python digit_recognizer.py --predict my_digit.jpg --out runs/quick       # classify your own images
     pytest test_digit_recognizer.py
 
 On Kaggle, paste this file into a script kernel and run it as it is: with no --data it reads
-/kaggle/input/digit-recognizer and writes to the working directory.
+/kaggle/input/digit-recognizer and writes to the working directory. An interrupted run continues where it
+stopped when the same command is run again in the same --out.
 """
 import argparse
 import copy
@@ -1047,15 +1050,15 @@ class JobResult:
     train_seconds: float
     images_trained: int
     val_probs: torch.Tensor  # (n_val, 10) with the TTA views, from the best weights
-    test_probs: torch.Tensor  # (n_test, 10)
     oof_predict_seconds: float
     test_predict_seconds: float
 
 
 def predict_jobs(cfg, data, device):
-    """Every finished checkpoint predicts its fold's validation rows and the test set; returns (results, missing)."""
+    """Every finished checkpoint predicts its fold's validation rows and the test set. Returns the job results and
+    the ensemble's test probabilities (N, 10), summed as they come so memory does not grow with the models."""
     views, amp_dtype = tta_views(tta=cfg.tta), autocast_dtype(device)
-    results, missing = [], []
+    results, missing, test_sum = [], [], torch.zeros(len(data.test_images), NUM_CLASSES, dtype=torch.float64)
     for arch in cfg.archs:
         for fold in range(cfg.folds):
             path = checkpoint_path(cfg.out, arch, fold)
@@ -1067,29 +1070,28 @@ def predict_jobs(cfg, data, device):
             start = time.perf_counter()
             val_probs = predict_probs(model, data.images[data.folds[fold][1]], views, amp_dtype)
             middle = time.perf_counter()
-            test_probs = predict_probs(model, data.test_images, views, amp_dtype)
+            test_sum += predict_probs(model, data.test_images, views, amp_dtype)
             results.append(JobResult(
                 arch=arch, fold=fold, best_val_acc=state["val_acc"], best_epoch=state["epoch"],
                 history=state["history"], train_seconds=state["train_seconds"],
-                images_trained=state["images_trained"], val_probs=val_probs, test_probs=test_probs,
+                images_trained=state["images_trained"], val_probs=val_probs,
                 oof_predict_seconds=middle - start, test_predict_seconds=time.perf_counter() - middle))
     if not results:
         raise InputError(f"{os.path.join(cfg.out, 'checkpoints')}: no finished checkpoints for --archs "
                          f"{','.join(cfg.archs)}; train first")
     if missing:
         print(f"missing jobs, left out of the ensemble: {', '.join(missing)}", flush=True)
-    return results
+    return results, (test_sum / len(results)).numpy()
 
 
 def write_outputs(cfg, data, device, wall_start, demo_labels=None):
     """The ensemble from the finished checkpoints: submission.csv, oof.csv, pictures, metrics.json."""
     predict_start = time.perf_counter()
-    results = predict_jobs(cfg, data, device)
+    results, test_probs = predict_jobs(cfg, data, device)
     labels = data.label_array
 
     # Ensemble: softmax averaged over every model and view. OOF: per architecture with all its folds present,
     # then the mean of those architectures.
-    test_probs = torch.stack([r.test_probs for r in results]).mean(0).numpy()
     oof_by_arch = {}
     for arch in cfg.archs:
         arch_results = [r for r in results if r.arch == arch]
