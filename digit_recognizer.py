@@ -370,26 +370,6 @@ class WideConvNet(nn.Module):
 ARCHITECTURES = {"resnet": ResNetMNIST, "wide": WideConvNet}
 
 
-def fold_batchnorm(model):
-    """An inference copy of the model with each BatchNorm folded into the conv or linear layer registered just
-    before it (both models register layers in the order they run). Same outputs up to float rounding; measured
-    10-20% faster evaluation on the CPU."""
-    model = copy.deepcopy(model).eval()
-    for module in model.modules():
-        names = list(module._modules)
-        for first, second in zip(names, names[1:]):
-            layer, norm = module._modules[first], module._modules[second]
-            if isinstance(layer, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d):
-                module._modules[first] = fuse_conv_bn_eval(layer, norm)
-            elif isinstance(layer, nn.Linear) and isinstance(norm, nn.BatchNorm1d):
-                module._modules[first] = fuse_linear_bn_eval(layer, norm)
-            else:
-                continue
-            module._modules[second] = nn.Identity()
-    device = next(model.parameters()).device
-    return model.to(memory_format=memory_format_for(device))
-
-
 # -----------------------------------------------------------------------------------------------------------------
 # Devices and precision
 
@@ -427,6 +407,26 @@ def autocast_dtype(device):
 
 # -----------------------------------------------------------------------------------------------------------------
 # Evaluation and test-time augmentation
+
+
+def fold_batchnorm(model):
+    """An inference copy of the model with each BatchNorm folded into the conv or linear layer registered just
+    before it (both models register layers in the order they run). Same outputs up to float rounding; measured
+    10-20% faster evaluation on the CPU."""
+    model = copy.deepcopy(model).eval()
+    for module in model.modules():
+        names = list(module._modules)
+        for first, second in zip(names, names[1:]):
+            layer, norm = module._modules[first], module._modules[second]
+            if isinstance(layer, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d):
+                module._modules[first] = fuse_conv_bn_eval(layer, norm)
+            elif isinstance(layer, nn.Linear) and isinstance(norm, nn.BatchNorm1d):
+                module._modules[first] = fuse_linear_bn_eval(layer, norm)
+            else:
+                continue
+            module._modules[second] = nn.Identity()
+    device = next(model.parameters()).device
+    return model.to(memory_format=memory_format_for(device))
 
 
 @torch.no_grad()

@@ -634,6 +634,23 @@ def test_resume_after_sigkill_mid_epoch_gives_identical_outputs(small_dir, tmp_p
     assert output_bytes(tmp_path) == uninterrupted
 
 
+def test_sigterm_stops_cleanly_with_a_line_saying_how_to_continue(small_dir, tmp_path):
+    import signal
+    import time
+    state = tmp_path / "checkpoints" / "wide_fold0.state.pt"
+    process = subprocess.Popen([sys.executable, SCRIPT, *long_run_args(small_dir, tmp_path)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not state.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)  # what Kaggle or a scheduler sends at the time limit
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert err.splitlines()[-1].startswith("interrupted: every job saves its state after each epoch; run the same "
+                                           "command again to continue") and "Traceback" not in err
+    assert state.exists() and not (tmp_path / "submission.csv").exists()
+
+
 def test_resume_after_interrupt_during_checkpoint_write(small_dir, tmp_path, uninterrupted, monkeypatch, capsys):
     real_save, calls = torch.save, []
 
