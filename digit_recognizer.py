@@ -603,6 +603,12 @@ def load_checkpoint(path, device="cpu"):
     return model, state
 
 
+def finished_checkpoints(out):
+    """Paths of the finished jobs' checkpoints in --out (in-progress states left out), sorted."""
+    paths = glob.glob(os.path.join(out, "checkpoints", "*_fold*.pt"))
+    return sorted(p for p in paths if not p.endswith(".state.pt"))
+
+
 def load_in_progress(path, device):
     """The saved state of an unfinished job, or None. An unreadable one (a disk fault: writes are atomic) is
     reported and the job starts over, which redoes at most the epochs it held."""
@@ -872,10 +878,9 @@ def read_image_file(path):
 
 
 def load_ensemble(out, device):
-    directory = os.path.join(out, "checkpoints")
-    paths = sorted(p for p in glob.glob(os.path.join(directory, "*_fold*.pt")) if not p.endswith(".state.pt"))
+    paths = finished_checkpoints(out)
     if not paths:
-        raise InputError(f"{directory}: no checkpoints; train first, e.g. "
+        raise InputError(f"{os.path.join(out, 'checkpoints')}: no checkpoints; train first, e.g. "
                          f"python digit_recognizer.py --data DIR --out {out}")
     return [fold_batchnorm(load_checkpoint(path, device)[0].to(device)) for path in paths]
 
@@ -952,11 +957,10 @@ def load_data(cfg, device):
 
 def adopt_saved_recipe(cfg):
     """--predict-only: take seed, folds and the rest from the finished checkpoints instead of the flags."""
-    directory = os.path.join(cfg.out, "checkpoints")
-    paths = sorted(p for p in glob.glob(os.path.join(directory, "*_fold*.pt")) if not p.endswith(".state.pt"))
+    paths = finished_checkpoints(cfg.out)
     if not paths:
-        raise InputError(f"{directory}: no finished checkpoints to predict from; train first, e.g. "
-                         f"python digit_recognizer.py --data DIR --out {cfg.out}")
+        raise InputError(f"{os.path.join(cfg.out, 'checkpoints')}: no finished checkpoints to predict from; train "
+                         f"first, e.g. python digit_recognizer.py --data DIR --out {cfg.out}")
     _, state = load_checkpoint(paths[0])
     for key in RECIPE_KEYS:
         setattr(cfg, key, state["recipe"][key])

@@ -4,8 +4,10 @@
 """
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pandas as pd
@@ -615,15 +617,19 @@ def uninterrupted(uninterrupted_run):
     return output_bytes(uninterrupted_run)
 
 
-def test_resume_after_sigkill_mid_epoch_gives_identical_outputs(small_dir, tmp_path, uninterrupted):
-    import signal
-    import time
-    state = tmp_path / "checkpoints" / "wide_fold0.state.pt"
-    process = subprocess.Popen([sys.executable, SCRIPT, *long_run_args(small_dir, tmp_path)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def start_until_first_epoch_saved(data, out, **popen_options):
+    """Start a run in the background and return once its first job has saved an epoch (the second is under way)."""
+    state = out / "checkpoints" / "wide_fold0.state.pt"
+    process = subprocess.Popen([sys.executable, SCRIPT, *long_run_args(data, out)], stdout=subprocess.DEVNULL,
+                               **popen_options)
     deadline = time.time() + 120
     while not state.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.01)
+    return process, state
+
+
+def test_resume_after_sigkill_mid_epoch_gives_identical_outputs(small_dir, tmp_path, uninterrupted):
+    process, state = start_until_first_epoch_saved(small_dir, tmp_path, stderr=subprocess.DEVNULL)
     process.send_signal(signal.SIGKILL)  # epoch 1 is saved; epoch 2 is under way
     process.wait()
     assert state.exists() and not (tmp_path / "submission.csv").exists()
@@ -635,14 +641,7 @@ def test_resume_after_sigkill_mid_epoch_gives_identical_outputs(small_dir, tmp_p
 
 
 def test_sigterm_stops_cleanly_with_a_line_saying_how_to_continue(small_dir, tmp_path):
-    import signal
-    import time
-    state = tmp_path / "checkpoints" / "wide_fold0.state.pt"
-    process = subprocess.Popen([sys.executable, SCRIPT, *long_run_args(small_dir, tmp_path)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not state.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
+    process, state = start_until_first_epoch_saved(small_dir, tmp_path, stderr=subprocess.PIPE, text=True)
     process.send_signal(signal.SIGTERM)  # what Kaggle or a scheduler sends at the time limit
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130
