@@ -63,6 +63,7 @@ class Config:
     patience: int = 10  # stop a job after this many epochs without a better validation accuracy
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda | mps
+    precision: str = "auto"  # auto | float32 | bfloat16: see autocast_dtype
     tta: bool = True
     limit: int | None = None  # use only the first N rows of train.csv
     demo: bool = False
@@ -398,11 +399,28 @@ def eval_batch_for(device):
     return 1024 if device.type == "cuda" else 64
 
 
-def autocast_dtype(device):
-    """bf16 where the card computes it natively (compute capability >= 8.0), fp16 on older CUDA cards, else fp32."""
-    if device.type != "cuda":
+def cpu_has_amx():
+    """Intel AMX (Xeon 4th generation and later): oneDNN runs bfloat16 convolutions on its tile units. torch only
+    asks the CPU through a private helper, so a torch without it counts as no AMX."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe and probe())
+
+
+def autocast_dtype(device, precision="auto"):
+    """The autocast dtype for the forward passes, or None for plain float32 (weights and optimizer stay float32).
+
+    auto: bfloat16 on CUDA cards with bfloat16 units (compute capability >= 8.0), float16 with loss scaling on older
+    cards, bfloat16 on CPUs with AMX (measured 2.1-2.8x faster training and 4.6-5x faster evaluation than float32
+    there, see the README), float32 on every other CPU and on mps."""
+    if precision == "float32" or device.type == "mps":
         return None
-    return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
+    if device.type == "cuda":
+        has_bf16 = torch.cuda.get_device_capability(device)[0] >= 8
+        if precision == "bfloat16" and not has_bf16:
+            raise InputError(f"--precision bfloat16: {torch.cuda.get_device_name(device)} has no bfloat16 units "
+                             "(use auto, which picks float16, or float32)")
+        return torch.bfloat16 if has_bf16 else torch.float16
+    return torch.bfloat16 if precision == "bfloat16" or cpu_has_amx() else None
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -502,7 +520,7 @@ def train_job(cfg, arch, fold, data, device, progress, recipe):
     seed = job_seed(cfg.seed, arch, fold)
     torch.manual_seed(seed)  # model init (on the CPU, so the same on every device) and dropout
     generator = torch.Generator(device=device).manual_seed(seed)  # shuffling and augmentation
-    amp_dtype, memory_format = autocast_dtype(device), memory_format_for(device)
+    amp_dtype, memory_format = autocast_dtype(device, cfg.precision), memory_format_for(device)
 
     model = ARCHITECTURES[arch]().to(device, memory_format=memory_format)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -567,7 +585,7 @@ def train_job(cfg, arch, fold, data, device, progress, recipe):
     finished = {"model": job["best_state"], "arch": arch, "fold": fold, "epoch": job["best_epoch"],
                 "val_acc": job["best_acc"], "config": config_dict(cfg), "recipe": recipe, "finished": True,
                 "history": job["history"], "train_seconds": job["train_seconds"],
-                "images_trained": n_used * len(job["history"])}
+                "images_trained": n_used * len(job["history"]), "precision": precision_name(amp_dtype)}
     write_atomic(checkpoint_path(cfg.out, arch, fold), lambda tmp: torch.save(finished, tmp))
     os.remove(state_path)
 
@@ -889,7 +907,7 @@ def predict_files(cfg):
     """Print each file's digit and probability; unreadable files are reported and skipped. Returns the exit code."""
     device = resolve_device(cfg.device)
     models = load_ensemble(cfg.out, device)
-    views, amp_dtype = tta_views(tta=cfg.tta), autocast_dtype(device)
+    views, amp_dtype = tta_views(tta=cfg.tta), autocast_dtype(device, cfg.precision)
     failed = False
     for path in cfg.predict:
         try:
@@ -1018,7 +1036,7 @@ def _run(cfg, rank, world, local_rank):
     barrier(world)
     check_saved_recipes(cfg, recipe)
 
-    amp_dtype = autocast_dtype(device)
+    amp_dtype = autocast_dtype(device, cfg.precision)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     folds = cfg.fold if cfg.fold else tuple(range(cfg.folds))
@@ -1053,6 +1071,7 @@ class JobResult:
     history: list  # per epoch: dict(epoch, train_loss, train_acc, val_acc, lr, seconds)
     train_seconds: float
     images_trained: int
+    precision: str  # of its training: a job can be resumed or merged from another machine
     val_probs: torch.Tensor  # (n_val, 10) with the TTA views, from the best weights
     oof_predict_seconds: float
     test_predict_seconds: float
@@ -1061,7 +1080,7 @@ class JobResult:
 def predict_jobs(cfg, data, device):
     """Every finished checkpoint predicts its fold's validation rows and the test set. Returns the job results and
     the ensemble's test probabilities (N, 10), summed as they come so memory does not grow with the models."""
-    views, amp_dtype = tta_views(tta=cfg.tta), autocast_dtype(device)
+    views, amp_dtype = tta_views(tta=cfg.tta), autocast_dtype(device, cfg.precision)
     results, missing, test_sum = [], [], torch.zeros(len(data.test_images), NUM_CLASSES, dtype=torch.float64)
     for arch in cfg.archs:
         for fold in range(cfg.folds):
@@ -1078,7 +1097,8 @@ def predict_jobs(cfg, data, device):
             results.append(JobResult(
                 arch=arch, fold=fold, best_val_acc=state["val_acc"], best_epoch=state["epoch"],
                 history=state["history"], train_seconds=state["train_seconds"],
-                images_trained=state["images_trained"], val_probs=val_probs,
+                images_trained=state["images_trained"], precision=state.get("precision", "unknown"),
+                val_probs=val_probs,
                 oof_predict_seconds=middle - start, test_predict_seconds=time.perf_counter() - middle))
     if not results:
         raise InputError(f"{os.path.join(cfg.out, 'checkpoints')}: no finished checkpoints for --archs "
@@ -1128,10 +1148,10 @@ def write_outputs(cfg, data, device, wall_start, demo_labels=None):
     metrics = {
         "config": config_dict(cfg),
         "device": str(device) if device.type != "cuda" else f"cuda ({torch.cuda.get_device_name(device)})",
-        "precision": precision_name(autocast_dtype(device)),
+        "precision": precision_name(autocast_dtype(device, cfg.precision)),
         "versions": library_versions(),
         "jobs": [{"arch": r.arch, "fold": r.fold, "best_val_acc": r.best_val_acc, "best_epoch": r.best_epoch,
-                  "epochs_run": len(r.history), "train_seconds": r.train_seconds,
+                  "epochs_run": len(r.history), "precision": r.precision, "train_seconds": r.train_seconds,
                   "oof_predict_seconds": r.oof_predict_seconds, "test_predict_seconds": r.test_predict_seconds,
                   "train_images_per_second": r.images_trained / max(r.train_seconds, 1e-9), "history": r.history}
                  for r in results],
@@ -1210,6 +1230,9 @@ def parse_args(argv=None):
     run_group = parser.add_argument_group("run")
     run_group.add_argument("--device", default=defaults.device, choices=["auto", "cpu", "cuda", "mps"],
                            help="auto picks cuda, then mps, then cpu")
+    run_group.add_argument("--precision", default=defaults.precision, choices=["auto", "float32", "bfloat16"],
+                           help="auto: bfloat16 autocast on GPUs and CPUs with bfloat16 matrix units (AMX), float16 "
+                                "on older GPUs, float32 elsewhere")
     run_group.add_argument("--no-tta", action="store_true", help="predict the plain images only")
     long_runs = parser.add_argument_group("long runs, several processes")
     long_runs.add_argument("--fold", default=None, metavar="K[,K...]",
@@ -1262,8 +1285,8 @@ def parse_args(argv=None):
     cfg = Config(data=args.data, out=args.out or ("demo_run" if args.demo else "."), epochs=args.epochs,
                  folds=args.folds, archs=archs, batch_size=args.batch_size, lr=args.lr,
                  weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, patience=args.patience,
-                 seed=args.seed, device=args.device, tta=not args.no_tta, limit=args.limit, demo=args.demo,
-                 predict=tuple(args.predict or ()), verbose=args.verbose, fold=folds,
+                 seed=args.seed, device=args.device, precision=args.precision, tta=not args.no_tta,
+                 limit=args.limit, demo=args.demo, predict=tuple(args.predict or ()), verbose=args.verbose, fold=folds,
                  predict_only=args.predict_only, fresh=args.fresh)
     return cfg
 

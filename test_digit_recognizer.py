@@ -202,6 +202,24 @@ def test_predictions_with_tta_are_deterministic(digit_images):
     assert torch.allclose(first.sum(1), torch.ones(len(images)), atol=1e-5)
 
 
+@pytest.mark.parametrize("amx,precision,expected", [(True, "auto", torch.bfloat16), (False, "auto", None),
+                                                  (True, "float32", None), (False, "bfloat16", torch.bfloat16)])
+def test_cpu_precision_is_bfloat16_only_where_amx_pays_or_when_asked(amx, precision, expected, monkeypatch):
+    monkeypatch.setattr(dr, "cpu_has_amx", lambda: amx)
+    assert dr.autocast_dtype(torch.device("cpu"), precision) is expected
+    assert dr.autocast_dtype(torch.device("mps"), precision) is None
+
+
+def test_bfloat16_predictions_agree_with_float32(digit_images):
+    images, _ = digit_images
+    model = dr.fold_batchnorm(dr.WideConvNet().eval())
+    views = dr.tta_views()
+    exact = dr.predict_probs(model, images, views)
+    half = dr.predict_probs(model, images, views, torch.bfloat16)
+    assert not torch.equal(exact, half)  # the autocast really ran in bfloat16
+    assert torch.allclose(exact, half, atol=0.02) and half.dtype == torch.float32
+
+
 # -----------------------------------------------------------------------------------------------------------------
 # Whole runs
 
@@ -235,7 +253,9 @@ def test_smoke_run_out_of_fold_accuracy_is_far_above_chance(smoke_run):
     assert metrics["oof_accuracy"]["ensemble"] == pytest.approx((oof["label"] == oof["pred"]).mean())
     assert [(j["arch"], j["fold"]) for j in metrics["jobs"]] == [("wide", 0), ("wide", 1)]
     assert all(1 <= j["best_epoch"] <= 3 and len(j["history"]) == j["epochs_run"] for j in metrics["jobs"])
-    assert metrics["device"] == "cpu" and metrics["precision"] == "float32"
+    precision = dr.precision_name(dr.autocast_dtype(torch.device("cpu")))  # bfloat16 on CPUs with AMX
+    assert metrics["device"] == "cpu" and metrics["precision"] == precision
+    assert all(j["precision"] == precision for j in metrics["jobs"])
     assert metrics["train_images_per_second"] > 0 and "torch" in metrics["versions"]
 
 
@@ -250,7 +270,8 @@ def test_checkpoints_load_as_data_and_reproduce_the_validation_accuracy(smoke_ru
     from sklearn.model_selection import StratifiedKFold
     pixels, labels, _ = dr.read_digits_csv(str(digits_dir / "train.csv"), "train")
     _, val_idx = next(StratifiedKFold(2, shuffle=True, random_state=42).split(pixels, labels))
-    acc = dr.accuracy_on_device(dr.fold_batchnorm(model), dr.to_image_tensor(pixels[val_idx], "cpu"), torch.from_numpy(labels[val_idx]))
+    acc = dr.accuracy_on_device(dr.fold_batchnorm(model), dr.to_image_tensor(pixels[val_idx], "cpu"),
+                                torch.from_numpy(labels[val_idx]), dr.autocast_dtype(torch.device("cpu")))
     assert acc.item() == pytest.approx(state["val_acc"])
 
 
@@ -274,6 +295,18 @@ def test_a_job_does_not_depend_on_the_jobs_before_it(small_dir, both_archs_run, 
         a = torch.load(both_archs_run / "checkpoints" / f"wide_fold{fold}.pt", weights_only=True)["model"]
         b = torch.load(tmp_path / "checkpoints" / f"wide_fold{fold}.pt", weights_only=True)["model"]
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("precision,name", [("float32", "float32"), ("bfloat16", "bfloat16 autocast")])
+def test_precision_option_trains_in_that_precision(precision, name, small_dir, both_archs_run, tmp_path):
+    assert dr.main(tiny_args(small_dir, tmp_path, "--archs", "wide", "--precision", precision)) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["precision"] == name and all(j["precision"] == name for j in metrics["jobs"])
+    state = torch.load(tmp_path / "checkpoints" / "wide_fold0.pt", weights_only=True)
+    assert state["precision"] == name and all(v.dtype != torch.bfloat16 for v in state["model"].values())
+    default = torch.load(both_archs_run / "checkpoints" / "wide_fold0.pt", weights_only=True)
+    same_as_default = name == default["precision"]  # auto picked this precision on this CPU
+    assert all(torch.equal(state["model"][k], default["model"][k]) for k in state["model"]) == same_as_default
 
 
 def test_kaggle_default_path_and_notebook_arguments(small_dir, tmp_path, monkeypatch, capsys):
@@ -405,6 +438,7 @@ def test_bad_input_exits_2_with_one_line(case, tmp_path, capsys):
     (["--folds", "1"], "--folds must be at least 2"),
     (["--epochs", "many"], "argument --epochs: invalid int value: 'many'"),
     (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+    (["--precision", "fp16"], "argument --precision: invalid choice: 'fp16'"),
     (["--folds", "50"], "images, fewer than --folds 50"),
 ])
 def test_bad_options_exit_2_with_one_line(args, expected, small_dir, tmp_path, capsys):
@@ -696,7 +730,8 @@ def test_a_changed_recipe_in_the_same_out_exits_2(changed, difference, small_dir
 
 def test_device_and_tta_options_do_not_count_as_a_new_recipe(small_dir, tmp_path):
     assert dr.main(long_run_args(small_dir, tmp_path, "--epochs", "1")) == 0
-    assert dr.main(long_run_args(small_dir, tmp_path, "--epochs", "1", "--no-tta", "--device", "auto")) == 0
+    assert dr.main(long_run_args(small_dir, tmp_path, "--epochs", "1", "--no-tta", "--device", "auto",
+                                 "--precision", "float32")) == 0
 
 
 def test_a_corrupt_finished_checkpoint_exits_2_naming_it(small_dir, tmp_path, capsys):
