@@ -19,7 +19,7 @@ import torchvision.transforms.v2.functional as TF
 import digit_recognizer as dr
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-BILINEAR = TF.InterpolationMode.BILINEAR
+BILINEAR, NEAREST = TF.InterpolationMode.BILINEAR, TF.InterpolationMode.NEAREST
 CORNERS = [[0, 0], [27, 0], [27, 27], [0, 27]]
 
 
@@ -78,10 +78,12 @@ def test_models_map_a_batch_of_digits_to_ten_logits(arch):
     (12.3, 2, -1, 1.07, -8.0), (-15.0, -3, 3, 0.9, 10.0), (0.0, 1, 0, 1.0, 0.0), (7.5, 0, -2, 1.1, 4.2)])
 def test_affine_matches_torchvision(digit_images, angle, tx, ty, scale, shear):
     images, _ = digit_images
-    expected = TF.affine(images, angle=angle, translate=[tx, ty], scale=scale, shear=[shear, 0.0],
-                         interpolation=BILINEAR)
     maps = dr.affine_maps(*[torch.full((len(images),), float(v)) for v in (angle, tx, ty, scale, shear)])
-    assert torch.allclose(dr.warp(images, maps), expected, atol=1e-4)
+    args = dict(angle=angle, translate=[tx, ty], scale=scale, shear=[shear, 0.0])
+    assert torch.allclose(dr.warp(images, maps), TF.affine(images, **args, interpolation=BILINEAR), atol=1e-4)
+    # Nearest neighbour: a pixel centre that falls within float rounding of a boundary may pick the other side.
+    nearest = dr.warp(images, maps, mode="nearest")
+    assert (nearest != TF.affine(images, **args, interpolation=NEAREST)).float().mean() < 0.005
 
 
 @pytest.mark.parametrize("endpoints", [
@@ -93,16 +95,22 @@ def test_perspective_matches_torchvision(digit_images, endpoints):
     assert torch.allclose(dr.warp(images, maps), expected, atol=1e-4)
 
 
-def test_composed_warp_matches_affine_then_perspective(digit_images):
-    """One resampling instead of two: equal up to the blur of torchvision's intermediate image."""
+def test_augment_resamples_as_the_reference_pipeline(digit_images):
+    """augment() against torchvision's RandomAffine (nearest) then RandomPerspective (bilinear), image by image,
+    with the parameters augment() drew."""
     images, _ = digit_images
-    endpoints = [[1, 2], [26, 0], [25, 27], [2, 25]]
-    sequential = TF.perspective(TF.affine(images, angle=10.0, translate=[1, -2], scale=1.05, shear=[5.0, 0.0],
-                                          interpolation=BILINEAR), CORNERS, endpoints, interpolation=BILINEAR)
-    affine = dr.affine_maps(*[torch.tensor([v]) for v in (10.0, 1.0, -2.0, 1.05, 5.0)])
-    composed = dr.warp(images, affine @ dr.perspective_maps(torch.tensor([endpoints], dtype=torch.float32)))
-    assert (composed - sequential).abs().mean() < 0.01
-    assert (composed - sequential).abs().max() < 0.25
+    params = dr.draw_augment_params(len(images), torch.Generator().manual_seed(3), torch.device("cpu"))
+    assert 0 < params["perspective"].sum() < len(images)  # both kinds of image are in this batch
+    out = dr.augment(images, torch.Generator().manual_seed(3))
+    for i, image in enumerate(images):
+        expected = TF.affine(image, angle=params["angle"][i].item(), scale=params["scale"][i].item(),
+                             translate=[params["translate_x"][i].item(), params["translate_y"][i].item()],
+                             shear=[params["shear_x"][i].item(), 0.0], interpolation=NEAREST)
+        if params["perspective"][i]:
+            expected = TF.perspective(expected, CORNERS, params["endpoints"][i].tolist(), interpolation=BILINEAR)
+        else:  # untouched by a perspective: exactly the nearest-neighbour affine, no blur
+            assert set(out[i].unique().tolist()) <= set(image.unique().tolist())
+        assert (out[i] - expected).abs().gt(1e-4).float().mean() < 0.01
 
 
 def test_augment_draws_its_own_parameters_for_every_image(digit_images):
