@@ -197,7 +197,7 @@ def to_image_tensor(pixels, device):
 
 # -----------------------------------------------------------------------------------------------------------------
 # Augmentation: every image gets its own RandomAffine + RandomPerspective, drawn and resampled as torchvision does
-# it (the affine with nearest neighbour, then the perspective bilinearly, zero fill), one grid_sample per step for
+# it (the affine with nearest neighbour, then the perspective bilinearly, zero fill), in two grid_sample calls for
 # the whole batch.
 # All maps send an output pixel to the input position it reads, in pixel coordinates where pixel i spans
 # [i, i + 1) (its centre is i + 0.5): the convention of torchvision's tensor kernels.
@@ -1233,7 +1233,7 @@ def parse_args(argv=None):
                            help="auto picks cuda, then mps, then cpu")
     run_group.add_argument("--precision", default=defaults.precision, choices=["auto", "float32", "bfloat16"],
                            help="auto: bfloat16 autocast on GPUs and CPUs with bfloat16 matrix units (AMX), float16 "
-                                "on older GPUs, float32 elsewhere")
+                                "on older GPUs, float32 elsewhere (mps always runs float32)")
     run_group.add_argument("--no-tta", action="store_true", help="predict the plain images only")
     long_runs = parser.add_argument_group("long runs, several processes")
     long_runs.add_argument("--fold", default=None, metavar="K[,K...]",

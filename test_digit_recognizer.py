@@ -218,6 +218,11 @@ def test_cpu_precision_is_bfloat16_only_where_amx_pays_or_when_asked(amx, precis
     assert dr.autocast_dtype(torch.device("mps"), precision) is None
 
 
+def test_a_torch_without_the_private_amx_probe_counts_as_no_amx(monkeypatch):
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    assert dr.cpu_has_amx() is False and dr.autocast_dtype(torch.device("cpu")) is None
+
+
 def test_bfloat16_predictions_agree_with_float32(digit_images):
     images, _ = digit_images
     model = dr.fold_batchnorm(dr.WideConvNet().eval())
