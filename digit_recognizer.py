@@ -411,7 +411,7 @@ def autocast_dtype(device, precision="auto"):
     """The autocast dtype for the forward passes, or None for plain float32 (weights and optimizer stay float32).
 
     auto: bfloat16 on CUDA cards with bfloat16 units (compute capability >= 8.0), float16 with loss scaling on older
-    cards, bfloat16 on CPUs with AMX (measured 2.1-2.8x faster training and 4.6-5x faster evaluation than float32
+    cards, bfloat16 on CPUs with AMX (measured 2.1-2.8x faster training and 4.6-5.2x faster evaluation than float32
     there, see the README), float32 on every other CPU and on mps."""
     if precision == "float32" or device.type == "mps":
         return None
