@@ -1214,8 +1214,9 @@ def parse_args(argv=None):
                                                         "digits with a short schedule")
     recipe = parser.add_argument_group("recipe")
     recipe.add_argument("--archs", default=",".join(defaults.archs), help="comma list of " + ", ".join(ARCHITECTURES))
-    recipe.add_argument("--folds", type=int, default=None, help=f"stratified folds, i.e. models per architecture "
-                                                                f"(default: {defaults.folds}; {DEMO_FOLDS} with --demo)")
+    recipe.add_argument("--folds", type=int, default=None,
+                        help=f"stratified folds, i.e. models per architecture (default: {defaults.folds}; "
+                             f"{DEMO_FOLDS} with --demo)")
     recipe.add_argument("--epochs", type=int, default=None,
                         help=f"training epochs per job (default: {defaults.epochs}; {DEMO_EPOCHS} with --demo)")
     recipe.add_argument("--batch-size", type=int, default=None,
