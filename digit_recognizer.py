@@ -1019,6 +1019,7 @@ def run(cfg):
 def _run(cfg, rank, world, local_rank):
     wall_start = time.perf_counter()
     device = resolve_device(cfg.device, local_rank)
+    amp_dtype = autocast_dtype(device, cfg.precision)  # may refuse --precision: before anything is written
     demo_labels = None
     if cfg.demo:
         cfg.data = os.path.join(cfg.out, "demo_data")
@@ -1037,7 +1038,6 @@ def _run(cfg, rank, world, local_rank):
     barrier(world)
     check_saved_recipes(cfg, recipe)
 
-    amp_dtype = autocast_dtype(device, cfg.precision)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     folds = cfg.fold if cfg.fold else tuple(range(cfg.folds))
