@@ -237,11 +237,19 @@ def square_to_quad(quads):
     ], -2)
 
 
+def adjugate(maps):
+    """(B, 3, 3) -> (B, 3, 3) adjugates: the inverses times the determinants, which is the same map in homogeneous
+    coordinates, without linalg.inv's error check (a device sync that a CUDA graph cannot capture)."""
+    r0, r1, r2 = maps.unbind(-2)
+    return torch.stack([torch.linalg.cross(r1, r2), torch.linalg.cross(r2, r0), torch.linalg.cross(r0, r1)], -1)
+
+
 def perspective_maps(endpoints, size=IMAGE_SIZE):
     """(B, 4, 2) endpoints of the image corners -> (B, 3, 3) inverse maps equal to torchvision's F.perspective
     with startpoints = the corners [[0, 0], [size-1, 0], [size-1, size-1], [0, size-1]]."""
-    to_start = torch.diag(endpoints.new_tensor([size - 1.0, size - 1.0, 1.0]))
-    return to_start @ torch.linalg.inv(square_to_quad(endpoints))
+    to_start = torch.ones(3, device=endpoints.device)
+    to_start[:2] = size - 1.0
+    return to_start.diag() @ adjugate(square_to_quad(endpoints))
 
 
 def warp(images, maps, mode="bilinear"):
@@ -252,9 +260,9 @@ def warp(images, maps, mode="bilinear"):
     ys, xs = torch.meshgrid(torch.arange(height, device=images.device) + 0.5,
                             torch.arange(width, device=images.device) + 0.5, indexing="ij")
     pixels = torch.stack([xs, ys, torch.ones_like(xs)], -1).view(1, height * width, 3)
-    to_grid = maps.new_tensor([[2 / width, 0, -1], [0, 2 / height, -1], [0, 0, 1]])  # pixels -> [-1, 1]
-    points = pixels @ (to_grid @ maps.to(images.dtype)).transpose(1, 2)  # (B, H*W, 3)
-    grid = (points[..., :2] / points[..., 2:]).view(batch, height, width, 2)
+    points = pixels @ maps.to(images.dtype).transpose(1, 2)  # (B, H*W, 3) input pixel positions, homogeneous
+    x, y = (points[..., :2] / points[..., 2:]).unbind(-1)
+    grid = torch.stack([x * (2 / width) - 1, y * (2 / height) - 1], -1).view(batch, height, width, 2)  # to [-1, 1]
     return F.grid_sample(images, grid, mode=mode, padding_mode="zeros", align_corners=False)
 
 
@@ -274,9 +282,11 @@ def draw_augment_params(n, generator, device, size=IMAGE_SIZE):
     bound = int(0.2 * (size // 2)) + 1
     inward = torch.randint(0, bound, (n, 4, 2), generator=generator, device=device).float()
     params["perspective"] = torch.rand(n, generator=generator, device=device) < 0.5  # (n,) bool
-    last = size - 1.0
-    corners = torch.tensor([[0, 0], [last, 0], [last, last], [0, last]], device=device)
-    direction = torch.tensor([[1, 1], [-1, 1], [-1, -1], [1, -1]], device=device)
+    # Inward directions of the corners (top-left, top-right, bottom-right, bottom-left): (1, 1), (-1, 1), (-1, -1),
+    # (1, -1), made on the device rather than copied from the host, so that a CUDA graph can capture this.
+    corner = torch.arange(4, device=device)
+    direction = 1.0 - 2 * torch.stack([(corner + 1) // 2 % 2, corner // 2], -1)  # (4, 2)
+    corners = (size - 1.0) * (1 - direction) / 2
     params["endpoints"] = corners + direction * inward * params["perspective"].view(n, 1, 1)  # (n, 4, 2)
     return params
 
