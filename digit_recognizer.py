@@ -511,6 +511,7 @@ def rng_states(generator, device):
 
 
 def set_rng_states(states, generator, device):
+    states = {k: v.cpu() for k, v in states.items()}  # generator states are CPU byte tensors on every device
     torch.set_rng_state(states["cpu"])
     generator.set_state(states["generator"])
     if device.type == "cuda":
