@@ -63,7 +63,7 @@ class Config:
     patience: int = 10  # stop a job after this many epochs without a better validation accuracy
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda | mps
-    precision: str = "auto"  # auto | float32 | bfloat16: see autocast_dtype
+    precision: str = "auto"  # auto | float32 | bfloat16 | float16: see autocast_dtype
     tta: bool = True
     limit: int | None = None  # use only the first N rows of train.csv
     demo: bool = False
@@ -422,9 +422,12 @@ def autocast_dtype(device, precision="auto"):
 
     auto: bfloat16 on CUDA cards with bfloat16 units (compute capability >= 8.0), float16 with loss scaling on older
     cards, bfloat16 on CPUs with AMX (measured 2.1-2.8x faster training and 4.6-5.2x faster evaluation than float32
-    there, see the README), float32 on every other CPU and on mps."""
+    there, see the README), float32 on every other CPU and on mps. float16 can be asked for anywhere but mps: it is
+    the T4's arithmetic, and most CPUs only emulate it (one training step 28x slower than float32)."""
     if precision == "float32" or device.type == "mps":
         return None
+    if precision == "float16":
+        return torch.float16
     if device.type == "cuda":
         has_bf16 = torch.cuda.get_device_capability(device)[0] >= 8
         if precision == "bfloat16" and not has_bf16:
@@ -520,6 +523,66 @@ def set_rng_states(states, generator, device):
         torch.mps.set_rng_state(states["mps"])
 
 
+def train_step(model, optimizer, scaler, images, labels, batch_idx, generator, amp_dtype, cfg, totals):
+    """One optimizer step on the batch images[batch_idx]; adds its loss and correct count into totals (device)."""
+    memory_format = memory_format_for(images.device)
+    batch = augment(images[batch_idx], generator).contiguous(memory_format=memory_format)
+    batch_labels = labels[batch_idx]
+    # No autocast weight cache: a CUDA graph must cast the weights inside every replay.
+    with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None, cache_enabled=False):
+        logits = model(batch)
+    loss = F.cross_entropy(logits.float(), batch_labels, label_smoothing=cfg.label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    totals["loss_sum"] += loss.detach() * len(batch_idx)
+    totals["correct"] += (logits.argmax(1) == batch_labels).sum()
+
+
+def uses_cuda_graph(device, amp_dtype):
+    """A full batch's whole step (augmentation, forward, backward, AdamW) is one CUDA graph replay: a batch of 128
+    digits is ~470 small kernels, and launching them one by one left an H200 85% idle (README). Not with float16:
+    its gradient scaler checks for overflow on the host, which a graph cannot capture."""
+    return (device.type == "cuda" and amp_dtype != torch.float16
+            and hasattr(torch.cuda.CUDAGraph, "register_generator_state"))
+
+
+def capture_step(step, static_idx, model, optimizer, generator):
+    """Record step(static_idx) as a CUDA graph, leaving the job's state as it found it.
+
+    Capture needs a few real steps first (cuDNN picks its kernels, AdamW creates its state), on a side stream.
+    Those steps change the weights, the optimizer state and the random generators; everything is put back, so a
+    run captured at epoch 1 and a run resumed (and captured) at epoch k train exactly the same steps."""
+    device = static_idx.device
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    moments = {p: {k: v.clone() for k, v in state.items()} for p, state in optimizer.state.items()}
+    random_states = generator.get_state(), torch.cuda.get_rng_state(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step(static_idx)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    graph.register_generator_state(generator)
+    optimizer.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        step(static_idx)
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            v.copy_(weights[k])
+        for p, state in optimizer.state.items():
+            for k, v in state.items():
+                if p in moments:
+                    v.copy_(moments[p][k])
+                else:  # a new job: AdamW's fresh state is all zeros, its step count too
+                    v.zero_()
+    generator.set_state(random_states[0])
+    torch.cuda.set_rng_state(random_states[1], device)
+    return graph
+
+
 def train_job(cfg, arch, fold, data, device, progress, recipe):
     """Train one (architecture, fold) job and write its finished checkpoint (the best-validation weights).
 
@@ -533,9 +596,12 @@ def train_job(cfg, arch, fold, data, device, progress, recipe):
     torch.manual_seed(seed)  # model init (on the CPU, so the same on every device) and dropout
     generator = torch.Generator(device=device).manual_seed(seed)  # shuffling and augmentation
     amp_dtype, memory_format = autocast_dtype(device, cfg.precision), memory_format_for(device)
+    graphed = uses_cuda_graph(device, amp_dtype) and len(train_idx) >= cfg.batch_size
 
     model = ARCHITECTURES[arch]().to(device, memory_format=memory_format)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # In a CUDA graph the learning rate must be a device tensor that the schedule updates in place, and AdamW's
+    # step count must live on the device (capturable).
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, capturable=graphed)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     n_train = len(train_images)
@@ -553,27 +619,32 @@ def train_job(cfg, arch, fold, data, device, progress, recipe):
         set_rng_states(saved["rng"], generator, device)
         job = {key: saved[key] for key in job}
         progress.resumed(arch, fold, job["epoch"])
+    # A float learning rate everywhere but in a graph, whichever kind of run saved the state.
+    for group in optimizer.param_groups:
+        group["lr"] = torch.tensor(float(group["lr"]), device=device) if graphed else float(group["lr"])
+    scheduler.base_lrs = [float(lr) for lr in scheduler.base_lrs]
+
+    totals = {"loss_sum": torch.zeros((), device=device), "correct": torch.zeros((), dtype=torch.long, device=device)}
+    step = lambda batch_idx: train_step(model, optimizer, scaler, train_images, train_labels, batch_idx, generator,
+                                        amp_dtype, cfg, totals)
+    static_idx = torch.arange(cfg.batch_size, device=device)  # the graph's input: the full batch's indices
+    model.train()
+    graph = capture_step(step, static_idx, model, optimizer, generator) if graphed else None
 
     while job["epoch"] < cfg.epochs and job["stale"] < cfg.patience:
         job["epoch"] += 1
         epoch_start = time.perf_counter()
         model.train()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), dtype=torch.long, device=device)
+        for total in totals.values():
+            total.zero_()
         order = torch.randperm(n_train, generator=generator, device=device)[:n_used]
         for batch_idx in order.split(cfg.batch_size):
-            images = augment(train_images[batch_idx], generator).contiguous(memory_format=memory_format)
-            labels = train_labels[batch_idx]
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = model(images)
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            loss_sum += loss.detach() * len(batch_idx)
-            correct += (logits.argmax(1) == labels).sum()
-        lr = optimizer.param_groups[0]["lr"]
+            if graph is not None and len(batch_idx) == cfg.batch_size:
+                static_idx.copy_(batch_idx)
+                graph.replay()
+            else:  # the last, smaller batch (and every batch without a graph)
+                step(batch_idx)
+        lr = float(optimizer.param_groups[0]["lr"])
         scheduler.step()
 
         val_acc = accuracy_on_device(fold_batchnorm(model), val_images, val_labels, amp_dtype).item()  # 1 sync/epoch
@@ -583,7 +654,8 @@ def train_job(cfg, arch, fold, data, device, progress, recipe):
         else:
             job["stale"] += 1
         seconds = time.perf_counter() - epoch_start
-        record = dict(epoch=job["epoch"], train_loss=loss_sum.item() / n_used, train_acc=correct.item() / n_used,
+        record = dict(epoch=job["epoch"], train_loss=totals["loss_sum"].item() / n_used,
+                      train_acc=totals["correct"].item() / n_used,
                       val_acc=val_acc, lr=lr, seconds=seconds)
         job["history"].append(record)
         job["train_seconds"] += seconds
@@ -1049,8 +1121,9 @@ def _run(cfg, rank, world, local_rank):
     barrier(world)
     check_saved_recipes(cfg, recipe)
 
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    if device.type == "cuda":  # the same seed gives the same files: no autotuner that may pick other kernels per run
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
     folds = cfg.fold if cfg.fold else tuple(range(cfg.folds))
     jobs = [] if cfg.predict_only else [(arch, fold) for arch in cfg.archs for fold in folds]
     mine = jobs[rank::world]  # every job seeds itself, so the split cannot change any result
@@ -1176,6 +1249,8 @@ def write_outputs(cfg, data, device, wall_start, demo_labels=None):
         "predict_seconds": time.perf_counter() - predict_start,
         "wall_seconds": time.perf_counter() - wall_start,  # this session only
     }
+    if device.type == "cuda":
+        metrics["peak_gpu_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     if demo_labels is not None:
         metrics["demo_test_accuracy"] = float((predictions == demo_labels).mean())
     write_atomic(os.path.join(cfg.out, "metrics.json"),
@@ -1243,9 +1318,9 @@ def parse_args(argv=None):
     run_group = parser.add_argument_group("run")
     run_group.add_argument("--device", default=defaults.device, choices=["auto", "cpu", "cuda", "mps"],
                            help="auto picks cuda, then mps, then cpu")
-    run_group.add_argument("--precision", default=defaults.precision, choices=["auto", "float32", "bfloat16"],
+    run_group.add_argument("--precision", default=defaults.precision, choices=["auto", "float32", "bfloat16", "float16"],
                            help="auto: bfloat16 autocast on GPUs and CPUs with bfloat16 matrix units (AMX), float16 "
-                                "on older GPUs, float32 elsewhere (mps always runs float32)")
+                                "with loss scaling on older GPUs, float32 elsewhere (mps always runs float32)")
     run_group.add_argument("--no-tta", action="store_true", help="predict the plain images only")
     long_runs = parser.add_argument_group("long runs, several processes")
     long_runs.add_argument("--fold", default=None, metavar="K[,K...]",

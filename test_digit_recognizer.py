@@ -1,6 +1,8 @@
-"""Tests for digit_recognizer.py: CPU only, a few minutes on two cores.
+"""Tests for digit_recognizer.py: a few minutes on two CPU cores. Those that need a GPU have `cuda` in their names
+and are skipped without one.
 
     pytest test_digit_recognizer.py
+    pytest test_digit_recognizer.py -k cuda     # on a machine with a CUDA GPU
 """
 import json
 import os
@@ -804,3 +806,58 @@ def test_csv_is_read_in_chunks_with_the_right_line_numbers(tmp_path):
     frame.to_csv(tmp_path / "test.csv", index=False)
     pixels, _, _ = dr.read_digits_csv(str(tmp_path / "test.csv"), "test", chunk_rows=7)
     assert np.array_equal(pixels, frame.to_numpy())
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# On a GPU (skipped without CUDA; `pytest -k cuda` selects them)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def cuda_args(data, out, *extra):
+    return ["--data", str(data), "--out", str(out), "--archs", "wide", "--folds", "2", "--epochs", "3",
+            "--batch-size", "32", "--device", "cuda", *extra]
+
+
+@needs_cuda
+@pytest.mark.parametrize("precision", ["bfloat16", "float16", "float32"])
+def test_cuda_short_run_trains_well_above_chance_in_each_precision(precision, digits_dir, tmp_path):
+    if precision == "bfloat16" and torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("this card has no bfloat16 units")
+    assert dr.main(cuda_args(digits_dir, tmp_path, "--precision", precision)) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    name = dr.precision_name(getattr(torch, precision) if precision != "float32" else None)
+    assert metrics["device"].startswith("cuda") and metrics["precision"] == name
+    assert all(j["precision"] == name for j in metrics["jobs"])
+    assert metrics["oof_accuracy"]["ensemble"] > 0.7 and metrics["peak_gpu_memory_mib"] > 0
+    truth = pd.read_csv(digits_dir / "test_labels.csv")["Label"]
+    assert (pd.read_csv(tmp_path / "submission.csv")["Label"] == truth).mean() > 0.7
+
+
+@needs_cuda
+def test_cuda_checkpoint_gives_the_same_probabilities_on_cpu_and_gpu(smoke_run, digit_images):
+    model, _ = dr.load_checkpoint(str(smoke_run / "checkpoints" / "wide_fold0.pt"))
+    images, _ = digit_images
+    on_cpu = dr.predict_probs(dr.fold_batchnorm(model), images, dr.tta_views())
+    on_gpu = dr.predict_probs(dr.fold_batchnorm(model.cuda()), images, dr.tta_views())
+    assert on_gpu.device.type == "cpu" and torch.allclose(on_cpu, on_gpu, atol=5e-3)  # TF32 convolutions
+
+
+@needs_cuda
+def test_cuda_run_killed_after_an_epoch_resumes_to_the_same_outputs(digits_dir, tmp_path):
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    result = run_script(cuda_args(digits_dir, full))
+    assert result.returncode == 0, result.stderr
+    state = resumed / "checkpoints" / "wide_fold0.state.pt"
+    process = subprocess.Popen([sys.executable, SCRIPT, *cuda_args(digits_dir, resumed)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not state.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert state.exists() and not (resumed / "submission.csv").exists()
+    result = run_script(cuda_args(digits_dir, resumed))
+    assert result.returncode == 0 and "resumes after epoch" in result.stdout, result.stderr
+    assert output_bytes(resumed) == output_bytes(full)
