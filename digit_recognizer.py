@@ -386,10 +386,32 @@ ARCHITECTURES = {"resnet": ResNetMNIST, "wide": WideConvNet}
 # Devices and precision
 
 
+def build_runs_on(capability, arch_list):
+    """Whether a PyTorch built for arch_list (torch.cuda.get_arch_list(): 'sm_75', ..., maybe 'compute_90') has
+    kernels for a card of this compute capability: machine code for the same major version and a minor no higher,
+    or PTX for a capability no higher, which the driver compiles at start."""
+    major, minor = capability
+    for arch in arch_list:
+        kind, _, digits = arch.partition("_")
+        number = int("".join(c for c in digits if c.isdigit()) or 0)
+        arch_major, arch_minor = number // 10, number % 10
+        if kind == "sm" and arch_major == major and arch_minor <= minor:
+            return True
+        if kind == "compute" and (arch_major, arch_minor) <= (major, minor):
+            return True
+    return not arch_list  # a build that lists nothing: let CUDA itself decide
+
+
 def resolve_device(name, local_rank=0):
     """auto: cuda, then mps, then cpu. Under torchrun each process takes the GPU of its LOCAL_RANK."""
     if name in ("auto", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda", local_rank)
+        device = torch.device("cuda", local_rank)
+        capability, arch_list = torch.cuda.get_device_capability(device), torch.cuda.get_arch_list()
+        if not build_runs_on(capability, arch_list):  # e.g. Kaggle's P100 (6.0) under a CUDA 12.8 build
+            raise InputError(f"--device {name}: {torch.cuda.get_device_name(device)} (compute capability "
+                             f"{capability[0]}.{capability[1]}) has no kernels in this PyTorch {torch.__version__} "
+                             f"(built for {' '.join(arch_list)}): choose a T4 or L4 accelerator, or pass --device cpu")
+        return device
     if name == "auto":
         if torch.backends.mps.is_available():
             return torch.device("mps")

@@ -212,12 +212,41 @@ def test_predictions_with_tta_are_deterministic(digit_images):
     assert torch.allclose(first.sum(1), torch.ones(len(images)), atol=1e-5)
 
 
-@pytest.mark.parametrize("amx,precision,expected", [(True, "auto", torch.bfloat16), (False, "auto", None),
-                                                  (True, "float32", None), (False, "bfloat16", torch.bfloat16)])
+@pytest.mark.parametrize("amx,precision,expected", [
+    (True, "auto", torch.bfloat16), (False, "auto", None), (True, "float32", None),
+    (False, "bfloat16", torch.bfloat16), (False, "float16", torch.float16), (True, "float16", torch.float16),
+])
 def test_cpu_precision_is_bfloat16_only_where_amx_pays_or_when_asked(amx, precision, expected, monkeypatch):
     monkeypatch.setattr(dr, "cpu_has_amx", lambda: amx)
     assert dr.autocast_dtype(torch.device("cpu"), precision) is expected
     assert dr.autocast_dtype(torch.device("mps"), precision) is None
+
+
+@pytest.mark.parametrize("capability,arch_list,runs", [
+    ((6, 0), ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"], False),  # a P100 under a CUDA 12.8 build
+    ((7, 5), ["sm_75", "sm_80", "sm_86", "sm_90"], True),  # T4
+    ((8, 9), ["sm_75", "sm_80", "sm_86", "sm_90"], True),  # L4: sm_86 machine code runs on 8.9
+    ((8, 0), ["sm_86", "sm_90"], False),  # machine code runs only on the same major and a minor no lower
+    ((12, 1), ["sm_80", "compute_90"], True),  # PTX for 9.0 is compiled by the driver for newer cards
+    ((6, 0), ["sm_50", "sm_60", "sm_70", "compute_70"], True),
+])
+def test_build_runs_on_knows_which_cards_have_kernels(capability, arch_list, runs):
+    assert dr.build_runs_on(capability, arch_list) == runs
+
+
+@pytest.mark.parametrize("device", ["auto", "cuda"])
+def test_a_gpu_without_kernels_in_this_build_exits_2_before_writing(device, small_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 0))
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_75", "sm_80", "sm_90"])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla P100-PCIE-16GB")
+    out = tmp_path / "out"
+    assert dr.main(["--data", str(small_dir), "--out", str(out), "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: --device {device}: Tesla P100-PCIE-16GB (compute capability 6.0) has no kernels in this "
+                   f"PyTorch {torch.__version__} (built for sm_75 sm_80 sm_90): choose a T4 or L4 accelerator, or "
+                   "pass --device cpu\n")
+    assert not out.exists()
 
 
 def test_a_torch_without_the_private_amx_probe_counts_as_no_amx(monkeypatch):
