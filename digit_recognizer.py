@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from sklearn.model_selection import StratifiedKFold
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
+KAGGLE_INPUT = "/kaggle/input"  # where Kaggle mounts a kernel's data
 KAGGLE_DATA = "/kaggle/input/digit-recognizer"
 IMAGE_SIZE = 28
 NUM_PIXELS = IMAGE_SIZE * IMAGE_SIZE
@@ -1036,6 +1037,19 @@ def predict_files(cfg):
 # The whole run
 
 
+def find_kaggle_data(max_depth=4):
+    """The folders under KAGGLE_INPUT, down to max_depth levels, that hold both train.csv and test.csv (another
+    competition's mount, such as Kannada-MNIST, or a dataset copy under another name)."""
+    found = []
+    for folder, subfolders, files in os.walk(KAGGLE_INPUT):
+        if {"train.csv", "test.csv"} <= set(files):
+            found.append(folder)
+        if folder[len(KAGGLE_INPUT):].count(os.sep) >= max_depth:
+            subfolders.clear()
+        subfolders.sort()
+    return sorted(found)
+
+
 def resolve_data_dir(cfg):
     if cfg.data is not None:
         if not os.path.isdir(cfg.data):
@@ -1043,6 +1057,13 @@ def resolve_data_dir(cfg):
         return cfg.data
     if os.path.isdir(KAGGLE_DATA):
         return KAGGLE_DATA
+    found = find_kaggle_data()
+    if len(found) == 1:
+        print(f"data: {found[0]} (the only folder under {KAGGLE_INPUT} with train.csv and test.csv)", flush=True)
+        return found[0]
+    if found:
+        raise InputError(f"no --data given and {len(found)} folders under {KAGGLE_INPUT} hold train.csv and "
+                         f"test.csv ({', '.join(found)}): pass --data with the one to use")
     raise InputError(f"no --data given and {KAGGLE_DATA} does not exist: pass --data DIR (holding train.csv and "
                      "test.csv), or try --demo")
 

@@ -363,10 +363,46 @@ def test_kaggle_default_path_and_notebook_arguments(small_dir, tmp_path, monkeyp
 
 
 def test_no_data_and_no_kaggle_directory_says_what_to_do(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(dr, "KAGGLE_DATA", str(tmp_path / "nowhere"))
+    monkeypatch.setattr(dr, "KAGGLE_INPUT", str(tmp_path / "nowhere"))
+    monkeypatch.setattr(dr, "KAGGLE_DATA", str(tmp_path / "nowhere" / "digit-recognizer"))
     assert dr.main(["--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--data" in err and "--demo" in err
+
+
+def kannada_like(small_dir, folder):
+    """A Kannada-MNIST-shaped competition folder: test.csv starts with an id column, and Dig-MNIST.csv is beside."""
+    folder.mkdir(parents=True)
+    (folder / "train.csv").write_bytes((small_dir / "train.csv").read_bytes())
+    test = pd.read_csv(small_dir / "test.csv")
+    pd.concat([pd.DataFrame({"id": np.arange(len(test))}), test], axis=1).to_csv(folder / "test.csv", index=False)
+    (folder / "Dig-MNIST.csv").write_bytes((small_dir / "train.csv").read_bytes())
+    return folder
+
+
+def test_with_no_data_the_one_folder_under_kaggle_input_is_used(small_dir, tmp_path, monkeypatch, capsys):
+    kaggle_input = tmp_path / "input"
+    data = kannada_like(small_dir, kaggle_input / "kannada-mnist")
+    (kaggle_input / "some-dataset" / "images").mkdir(parents=True)  # folders without the CSVs do not count
+    monkeypatch.setattr(dr, "KAGGLE_INPUT", str(kaggle_input))
+    monkeypatch.setattr(dr, "KAGGLE_DATA", str(kaggle_input / "digit-recognizer"))
+    monkeypatch.chdir(tmp_path)
+    assert dr.main(["--epochs", "1", "--folds", "2", "--archs", "wide", "--batch-size", "32", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].startswith(f"data: {data} ")
+    submission = pd.read_csv(tmp_path / "submission.csv")
+    assert list(submission.columns) == ["id", "label"] and submission["id"].tolist() == list(range(40))
+
+
+def test_with_no_data_several_candidate_folders_exit_2_listing_them(small_dir, tmp_path, monkeypatch, capsys):
+    kaggle_input = tmp_path / "input"
+    first = kannada_like(small_dir, kaggle_input / "kannada-mnist")
+    second = kannada_like(small_dir, kaggle_input / "my-copy" / "data" / "v2")  # three levels down
+    monkeypatch.setattr(dr, "KAGGLE_INPUT", str(kaggle_input))
+    monkeypatch.setattr(dr, "KAGGLE_DATA", str(kaggle_input / "digit-recognizer"))
+    assert dr.main(["--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"({first}, {second})" in err and "--data" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_import_does_no_work(tmp_path):
