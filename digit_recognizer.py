@@ -435,7 +435,8 @@ def eval_batch_for(device):
 
 def cpu_has_amx():
     """Intel AMX (Xeon 4th generation and later): oneDNN runs bfloat16 convolutions on its tile units. torch only
-    asks the CPU through a private helper, so a torch without it counts as no AMX."""
+    asks the CPU through a private helper, so a torch without it counts as no AMX. AVX512-BF16 alone does not count:
+    with oneDNN held to it, bfloat16 trained slower than float32 here (README)."""
     probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
     return bool(probe and probe())
 
