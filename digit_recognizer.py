@@ -979,35 +979,121 @@ def make_demo_data(directory, seed=0, test_fraction=0.2):
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# Predict your own digits: any image file -> MNIST's form -> the trained ensemble
+# Reading photos: find the digits on a photographed page and frame each one as MNIST was framed (scipy.ndimage)
+
+READ_SIZE = 400  # photos are read with their longer side at this many pixels
 
 
-def image_to_mnist(gray):
-    """A grayscale picture (H, W) in [0, 1] of either polarity (dark ink on paper, as a phone photo, or light ink
-    on black, as MNIST) -> MNIST's (28, 28): light ink on black, cropped, fitted to 20x20, centred by mass."""
-    gray = torch.as_tensor(gray, dtype=torch.float32)
-    border = torch.cat([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-    if border.median() > 0.5:  # a light background: dark ink on paper
-        gray, border = 1 - gray, 1 - border
-    ink = (gray - border.median()).clamp(min=0)  # the paper's own shade is not ink
-    if ink.max() > 0:
-        ink = ink / ink.max()
-        ink = torch.where(ink > 0.1, ink, torch.zeros_like(ink))  # specks and shading
-    return to_mnist_frame(ink)
+def find_digits(photo):
+    """A grayscale photo (H, W) in [0, 1] of a page with one or more digits side by side, either polarity ->
+    [((top, left, bottom, right), (28, 28) frame)], left to right; [] where no ink stands out from the paper.
+
+    Paper, light and shadow change slowly, and ruled lines run across the page: what stays after removing them is
+    ink. Each group of ink that shares columns, or stands above another, is one digit (digits that touch stay one)."""
+    from scipy import ndimage
+    smooth = ndimage.gaussian_filter(photo, 1.0)  # sensor noise and JPEG blocks
+    wide = max(photo.shape) // 6  # wider than any stroke
+    # Ink is the minority, so with the light divided out its tail is the long one: below 1 for dark ink on paper.
+    low, high = np.percentile(smooth / np.maximum(ndimage.gaussian_filter(smooth, wide / 2), 0.02), [0.5, 99.5])
+    if 1 - low > high - 1:
+        paper = ndimage.uniform_filter(ndimage.grey_closing(smooth, size=wide), wide // 2)
+        ink = 1 - smooth / np.maximum(paper, 0.02)  # the ink's own darkness: light and shadow divide out
+    else:  # light ink on a dark ground (a board, a negative, MNIST itself)
+        ink = smooth - ndimage.uniform_filter(ndimage.grey_opening(smooth, size=wide), wide // 2)
+    for line in ((1, ink.shape[1] // 2), (ink.shape[0] // 2, 1)):  # ruled or squared paper: long straight lines
+        ink = ink - ndimage.grey_opening(ink, size=line)
+    noise = np.median(ink) + 6 * 1.4826 * np.median(np.abs(ink - np.median(ink)))
+    peak = np.percentile(ink, 99.5)
+    if peak < max(0.08, 2 * noise):
+        return []
+    mask = ndimage.binary_closing(ink > max(0.4 * peak, noise), np.ones((3, 3)))  # rejoin strokes a line cut
+    labels, count = ndimage.label(mask)
+    areas = ndimage.sum_labels(mask, labels, np.arange(1, count + 1))
+    parts = [(box, k + 1) for k, box in enumerate(ndimage.find_objects(labels)) if areas[k] >= 0.1 * areas.max()]
+    groups = []  # [columns, rows, labels], left to right
+    for (rows, cols), label in sorted(parts, key=lambda part: part[0][1].start):
+        if groups:
+            last_cols, last_rows, members = groups[-1]
+            overlap = min(cols.stop, last_cols.stop) - max(cols.start, last_cols.start)  # columns in common
+            beside = min(rows.stop, last_rows.stop) - max(rows.start, last_rows.start)  # rows in common
+            shared_columns = overlap > 0.3 * min(cols.stop - cols.start, last_cols.stop - last_cols.start)
+            stacked = beside < 0.2 * min(rows.stop - rows.start, last_rows.stop - last_rows.start) and \
+                -overlap < 0.3 * max(rows.stop - rows.start, last_rows.stop - last_rows.start)
+            if shared_columns or stacked:  # one digit's parts, e.g. a stroke cut by a ruled line
+                groups[-1] = [slice(min(cols.start, last_cols.start), max(cols.stop, last_cols.stop)),
+                              slice(min(rows.start, last_rows.start), max(rows.stop, last_rows.stop)),
+                              members + [label]]
+                continue
+        groups.append([cols, rows, [label]])
+    tallest = max(rows.stop - rows.start for _, rows, _ in groups)
+    digits = []
+    for cols, rows, members in groups:
+        if rows.stop - rows.start < 0.4 * tallest:  # a dot or a dash beside the digits
+            continue
+        own = ndimage.binary_dilation(np.isin(labels[rows, cols], members), iterations=2)  # with soft edges
+        digit = np.where(own, ink[rows, cols].clip(min=0), 0)
+        frame = to_mnist_frame(torch.from_numpy(digit / digit.max()).float())
+        digits.append(((rows.start, cols.start, rows.stop, cols.stop), frame))
+    return digits
 
 
-def read_image_file(path):
+def read_photo(path):
+    """An image file -> (H, W) grayscale float32 in [0, 1], upright, its longer side READ_SIZE pixels."""
     from PIL import Image, ImageOps, UnidentifiedImageError
     if not os.path.isfile(path):
         raise InputError(f"{path}: file not found")
     try:
         with Image.open(path) as picture:
-            picture = ImageOps.exif_transpose(picture)  # phone photos store their rotation apart from the pixels
-            gray = np.asarray(picture.convert("L"), dtype=np.float32) / 255
+            picture = ImageOps.exif_transpose(picture).convert("L")  # phones store the rotation apart from the pixels
+            scale = READ_SIZE / max(picture.size)
+            size = (max(1, round(picture.width * scale)), max(1, round(picture.height * scale)))
+            picture = picture.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0 if scale < 1 else None)
+            return np.asarray(picture, dtype=np.float32) / 255
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         reason = "not an image file" if isinstance(e, UnidentifiedImageError) else str(e) or type(e).__name__
         raise InputError(f"{path}: cannot read image ({reason})") from None
-    return image_to_mnist(gray)
+
+
+def read_digits(path):
+    """An image file -> (photo, [(box, frame)]); a page with no digit on it is an InputError."""
+    photo = read_photo(path)
+    digits = find_digits(photo)
+    if not digits:
+        raise InputError(f"{path}: no digit found (a blank page, or ink too faint to tell from the paper)")
+    return photo, digits
+
+
+PICTURED_FILES = 24  # predictions.png shows the first files only: a taller picture is slow to draw and to read
+
+
+def write_predictions_picture(out, readings):
+    """predictions.png: per file, the photo with the boxes found, then each 28x28 frame the ensemble classified."""
+    try:
+        from matplotlib.figure import Figure
+        from matplotlib.patches import Rectangle
+    except ImportError:
+        print("matplotlib is not installed: skipping predictions.png", flush=True)
+        return
+    shown = readings[:PICTURED_FILES]
+    columns = 1 + max(len(digits) for _, _, digits, _ in shown)
+    fig = Figure(figsize=(2.2 + 1.3 * (columns - 1), 2.3 * len(shown)), layout="constrained", dpi=100)
+    axes = fig.subplots(len(shown), columns, squeeze=False,
+                        gridspec_kw={"width_ratios": [2.2] + [1.3] * (columns - 1)})
+    for ax in axes.flat:
+        ax.axis("off")
+    for row, (path, photo, digits, probs) in enumerate(shown):
+        axes[row, 0].imshow(photo, cmap="gray", vmin=0, vmax=1)
+        for (top, left, bottom, right), _ in digits:
+            axes[row, 0].add_patch(Rectangle((left - 0.5, top - 0.5), right - left, bottom - top, fill=False,
+                                             edgecolor="red", linewidth=1.5))
+        number = "".join(str(d) for d in probs.argmax(1).tolist())
+        axes[row, 0].set_title(f"{os.path.basename(path)}: {number}", fontsize=9)
+        for col, ((_, frame), p) in enumerate(zip(digits, probs), start=1):
+            axes[row, col].imshow(frame.numpy(), cmap="gray", vmin=0, vmax=1)
+            axes[row, col].set_title(f"{p.argmax().item()}  ({p.max().item():.2f})", fontsize=9)
+    write_atomic(os.path.join(out, "predictions.png"), lambda tmp: fig.savefig(tmp, format="png"))
+    print(f"wrote {os.path.join(out, 'predictions.png')}"
+          + (f" (the first {len(shown)} of {len(readings)} files)" if len(shown) < len(readings) else ""), flush=True)
 
 
 def load_ensemble(out, device):
@@ -1019,26 +1105,34 @@ def load_ensemble(out, device):
 
 
 def predict_files(cfg):
-    """Print each file's digit and probability; unreadable files are reported and skipped. Returns the exit code."""
+    """Print each file's digit or number with the probabilities; files that cannot be read are reported and
+    skipped. Writes predictions.png into --out. Returns the exit code."""
     device = resolve_device(cfg.device)
     models = load_ensemble(cfg.out, device)
     views, amp_dtype = tta_views(tta=cfg.tta), autocast_dtype(device, cfg.precision)
-    failed = False
+    readings = []
     for path in cfg.predict:
         try:
-            image = read_image_file(path)
+            photo, digits = read_digits(path)
         except InputError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
-            failed = True
             continue
-        batch = image.view(1, 1, IMAGE_SIZE, IMAGE_SIZE).to(device)
-        probs = torch.stack([predict_probs(m, batch, views, amp_dtype)[0] for m in models]).mean(0)
+        frames = torch.stack([frame for _, frame in digits]).view(-1, 1, IMAGE_SIZE, IMAGE_SIZE).to(device)
+        probs = torch.stack([predict_probs(m, frames, views, amp_dtype) for m in models]).mean(0)  # (digits, 10)
         top = probs.topk(3)
-        line = f"{path}: {top.indices[0].item()} ({top.values[0].item():.3f})"
+        number = "".join(str(d) for d in top.indices[:, 0].tolist())
+        if len(digits) == 1:
+            line = f"{path}: {number} ({top.values[0, 0].item():.3f})"
+        else:
+            line = f"{path}: {number} ({' '.join(f'{p:.2f}' for p in top.values[:, 0].tolist())})"
         if cfg.verbose:
-            line += "   top 3: " + ", ".join(f"{d} {p:.3f}" for p, d in zip(top.values.tolist(), top.indices.tolist()))
+            line += "   top 3: " + " | ".join(", ".join(f"{d} {p:.3f}" for d, p in zip(ds, ps))
+                                             for ds, ps in zip(top.indices.tolist(), top.values.tolist()))
         print(line, flush=True)
-    return 2 if failed else 0
+        readings.append((path, photo, digits, probs))
+    if readings:
+        write_predictions_picture(cfg.out, readings)
+    return 2 if len(readings) < len(cfg.predict) else 0
 
 
 # -----------------------------------------------------------------------------------------------------------------
