@@ -8,7 +8,7 @@ over 10 models x 4 fixed test-time views.
     python digit_recognizer.py --demo                                      # no download, a few CPU minutes
     python digit_recognizer.py --data DIR --archs wide --folds 2 --epochs 6 --out runs/quick
     torchrun --standalone --nproc_per_node=2 digit_recognizer.py --data DIR  # jobs spread over 2 GPUs
-    python digit_recognizer.py --predict my_digit.jpg --out runs/quick       # classify your own images
+    python digit_recognizer.py --predict year.jpg --out runs/quick           # read digits in your own photos
     pytest test_digit_recognizer.py
 
 On Kaggle, paste this file into a script kernel and run it as it is: with no --data it reads
@@ -1476,8 +1476,9 @@ def parse_args(argv=None):
                            help="discard the checkpoints and saved training state in --out before starting")
     predict = parser.add_argument_group("predict your own digits")
     predict.add_argument("--predict", nargs="+", metavar="IMAGE", default=None,
-                         help="classify these image files (PNG, JPEG, ...; any size, either polarity) with the "
-                              "checkpoints in --out, instead of training")
+                         help="read the digit, or the number written in one row, in each photo (PNG, JPEG, ...; "
+                              "any size, either polarity) with the checkpoints in --out, instead of training; "
+                              "writes predictions.png there")
     predict.add_argument("--verbose", action="store_true", help="with --predict: also print the top 3 digits")
 
     # Notebooks add arguments of their own (-f kernel.json): ignore what we do not know, but say so.
