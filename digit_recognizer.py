@@ -1463,7 +1463,8 @@ def parse_args(argv=None):
     run_group = parser.add_argument_group("run")
     run_group.add_argument("--device", default=defaults.device, choices=["auto", "cpu", "cuda", "mps"],
                            help="auto picks cuda, then mps, then cpu")
-    run_group.add_argument("--precision", default=defaults.precision, choices=["auto", "float32", "bfloat16", "float16"],
+    run_group.add_argument("--precision", default=defaults.precision,
+                           choices=["auto", "float32", "bfloat16", "float16"],
                            help="auto: bfloat16 autocast on GPUs and CPUs with bfloat16 matrix units (AMX), float16 "
                                 "with loss scaling on older GPUs, float32 elsewhere (mps always runs float32)")
     run_group.add_argument("--no-tta", action="store_true", help="predict the plain images only")

@@ -655,7 +655,8 @@ def phone_photos(mnist_test_digits, tmp_path_factory):
     for kind, options in PHOTO_KINDS.items():
         paths = []
         for index in chosen:
-            paths.append(directory / f"{kind.replace(' ', '_').replace(',', '')}_{index}.{'jpg' if 'JPEG' in kind else 'png'}")
+            name = f"{kind.replace(' ', '_').replace(',', '')}_{index}.{'jpg' if 'JPEG' in kind else 'png'}"
+            paths.append(directory / name)
             save_photo(phone_photo([frames[index]], rng, **options), paths[-1], 70 if "JPEG" in kind else None)
         photos[kind] = paths, frames[chosen], labels.to_numpy()[chosen]
     return photos
@@ -726,8 +727,10 @@ def test_predict_prints_a_number_with_each_digits_probability_and_draws_what_it_
     number, rest = rest.split(" ", 1)
     probabilities, top3 = rest.split("   top 3: ")
     assert name == str(path) and len(number) == 4 and number.isdigit()
-    assert [float(p) for p in probabilities.strip("()").split()] and len(probabilities.strip("()").split()) == 4
-    assert len(top3.split(" | ")) == 4 and all(t.split(", ")[0].split()[0] == d for t, d in zip(top3.split(" | "), number))
+    probabilities = [float(p) for p in probabilities.strip("()").split()]
+    assert len(probabilities) == 4 and all(0.1 <= p <= 1 for p in probabilities)
+    per_digit = top3.split(" | ")
+    assert len(per_digit) == 4 and all(top.split(", ")[0].split()[0] == d for top, d in zip(per_digit, number))
     from PIL import Image
     with Image.open(out / "predictions.png") as picture:
         assert picture.format == "PNG" and picture.width > 300
