@@ -1076,12 +1076,7 @@ def test_cuda_run_killed_after_an_epoch_resumes_to_the_same_outputs(digits_dir, 
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     result = run_script(cuda_args(digits_dir, full))
     assert result.returncode == 0, result.stderr
-    state = resumed / "checkpoints" / "wide_fold0.state.pt"
-    process = subprocess.Popen([sys.executable, SCRIPT, *cuda_args(digits_dir, resumed)], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not state.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
+    process, state = start_until_first_epoch_saved(digits_dir, resumed, cuda_args, stderr=subprocess.DEVNULL)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert state.exists() and not (resumed / "submission.csv").exists()
