@@ -6,6 +6,7 @@ and are skipped without one.
 """
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -214,14 +215,37 @@ def test_predictions_with_tta_are_deterministic(digit_images):
     assert torch.allclose(first.sum(1), torch.ones(len(images)), atol=1e-5)
 
 
-@pytest.mark.parametrize("amx,precision,expected", [
-    (True, "auto", torch.bfloat16), (False, "auto", None), (True, "float32", None),
-    (False, "bfloat16", torch.bfloat16), (False, "float16", torch.float16), (True, "float16", torch.float16),
+def set_cpu(monkeypatch, amx, avx512_bf16, vendor):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(dr, "cpu_vendor", lambda cpuinfo=None: vendor)
+
+
+@pytest.mark.parametrize("amx,avx512_bf16,vendor,precision,expected", [
+    (True, True, "GenuineIntel", "auto", torch.bfloat16),  # Sapphire Rapids and later
+    (False, True, "AuthenticAMD", "auto", torch.bfloat16),  # Zen 4 and 5
+    (False, True, "GenuineIntel", "auto", None),  # Cooper Lake: VDPBF16PS at half float32's rate
+    (False, False, "AuthenticAMD", "auto", None),  # Zen 3 and older
+    (False, False, "GenuineIntel", "auto", None),  # laptops, Kaggle's CPU kernels
+    (True, True, "GenuineIntel", "float32", None), (False, True, "AuthenticAMD", "float32", None),
+    (False, False, "GenuineIntel", "bfloat16", torch.bfloat16), (False, False, "", "float16", torch.float16),
+    (True, True, "GenuineIntel", "float16", torch.float16),
 ])
-def test_cpu_precision_is_bfloat16_only_where_amx_pays_or_when_asked(amx, precision, expected, monkeypatch):
-    monkeypatch.setattr(dr, "cpu_has_amx", lambda: amx)
+def test_cpu_precision_is_bfloat16_only_where_it_pays_or_when_asked(amx, avx512_bf16, vendor, precision, expected,
+                                                                    monkeypatch):
+    set_cpu(monkeypatch, amx, avx512_bf16, vendor)
     assert dr.autocast_dtype(torch.device("cpu"), precision) is expected
     assert dr.autocast_dtype(torch.device("mps"), precision) is None
+
+
+def test_cpu_vendor_comes_from_cpuinfo_or_from_windows_processor_string(tmp_path, monkeypatch):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nflags\t\t: avx512_bf16\n")
+    assert dr.cpu_vendor(cpuinfo) == "AuthenticAMD"
+    monkeypatch.setattr(platform, "processor", lambda: "AMD64 Family 25 Model 97 Stepping 2, AuthenticAMD")
+    assert dr.cpu_vendor(tmp_path / "missing") == "AuthenticAMD"
+    monkeypatch.setattr(platform, "processor", lambda: "arm")
+    assert dr.cpu_vendor(tmp_path / "missing") == ""
 
 
 @pytest.mark.parametrize("capability,arch_list,runs", [
@@ -251,9 +275,11 @@ def test_a_gpu_without_kernels_in_this_build_exits_2_before_writing(device, smal
     assert not out.exists()
 
 
-def test_a_torch_without_the_private_amx_probe_counts_as_no_amx(monkeypatch):
-    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
-    assert dr.cpu_has_amx() is False and dr.autocast_dtype(torch.device("cpu")) is None
+def test_a_torch_without_the_private_cpu_probes_keeps_float32(monkeypatch):
+    set_cpu(monkeypatch, True, True, "AuthenticAMD")
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    assert dr.cpu_bfloat16_pays() is False and dr.autocast_dtype(torch.device("cpu")) is None
 
 
 def test_bfloat16_predictions_agree_with_float32(digit_images):
@@ -299,7 +325,7 @@ def test_smoke_run_out_of_fold_accuracy_is_far_above_chance(smoke_run):
     assert metrics["oof_accuracy"]["ensemble"] == pytest.approx((oof["label"] == oof["pred"]).mean())
     assert [(j["arch"], j["fold"]) for j in metrics["jobs"]] == [("wide", 0), ("wide", 1)]
     assert all(1 <= j["best_epoch"] <= 3 and len(j["history"]) == j["epochs_run"] for j in metrics["jobs"])
-    precision = dr.precision_name(dr.autocast_dtype(torch.device("cpu")))  # bfloat16 on CPUs with AMX
+    precision = dr.precision_name(dr.autocast_dtype(torch.device("cpu")))  # bfloat16 where it pays on this CPU
     assert metrics["device"] == "cpu" and metrics["precision"] == precision
     assert all(j["precision"] == precision for j in metrics["jobs"])
     assert metrics["train_images_per_second"] > 0 and "torch" in metrics["versions"]
