@@ -1027,24 +1027,24 @@ def find_digits(photo):
     labels, count = ndimage.label(mask)
     areas = ndimage.sum_labels(mask, labels, np.arange(1, count + 1))
     parts = [(box, k + 1) for k, box in enumerate(ndimage.find_objects(labels)) if areas[k] >= 0.1 * areas.max()]
-    groups = []  # [columns, rows, labels], left to right
+    groups = []  # [rows, columns, labels] (scipy's order), left to right
     for (rows, cols), label in sorted(parts, key=lambda part: part[0][1].start):
         if groups:
-            last_cols, last_rows, members = groups[-1]
+            last_rows, last_cols, members = groups[-1]
             overlap = min(cols.stop, last_cols.stop) - max(cols.start, last_cols.start)  # columns in common
             beside = min(rows.stop, last_rows.stop) - max(rows.start, last_rows.start)  # rows in common
             shared_columns = overlap > 0.3 * min(cols.stop - cols.start, last_cols.stop - last_cols.start)
             stacked = beside < 0.2 * min(rows.stop - rows.start, last_rows.stop - last_rows.start) and \
                 -overlap < 0.3 * max(rows.stop - rows.start, last_rows.stop - last_rows.start)
             if shared_columns or stacked:  # one digit's parts, e.g. a stroke cut by a ruled line
-                groups[-1] = [slice(min(cols.start, last_cols.start), max(cols.stop, last_cols.stop)),
-                              slice(min(rows.start, last_rows.start), max(rows.stop, last_rows.stop)),
+                groups[-1] = [slice(min(rows.start, last_rows.start), max(rows.stop, last_rows.stop)),
+                              slice(min(cols.start, last_cols.start), max(cols.stop, last_cols.stop)),
                               members + [label]]
                 continue
-        groups.append([cols, rows, [label]])
-    tallest = max(rows.stop - rows.start for _, rows, _ in groups)
+        groups.append([rows, cols, [label]])
+    tallest = max(rows.stop - rows.start for rows, _, _ in groups)
     digits = []
-    for cols, rows, members in groups:
+    for rows, cols, members in groups:
         if rows.stop - rows.start < 0.4 * tallest:  # a dot or a dash beside the digits
             continue
         own = ndimage.binary_dilation(np.isin(labels[rows, cols], members), iterations=2)  # with soft edges
