@@ -404,14 +404,16 @@ def build_runs_on(capability, arch_list):
 
 
 def resolve_device(name, local_rank=0):
-    """auto: cuda, then mps, then cpu. Under torchrun each process takes the GPU of its LOCAL_RANK."""
+    """auto: cuda, then mps, then cpu. Under torchrun, process k takes GPU k modulo the number of GPUs, so that
+    several processes can share one; the GPU becomes this process's current CUDA device."""
     if name in ("auto", "cuda") and torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
         capability, arch_list = torch.cuda.get_device_capability(device), torch.cuda.get_arch_list()
         if not build_runs_on(capability, arch_list):  # e.g. Kaggle's P100 (6.0) under a CUDA 12.8 build
             raise InputError(f"--device {name}: {torch.cuda.get_device_name(device)} (compute capability "
                              f"{capability[0]}.{capability[1]}) has no kernels in this PyTorch {torch.__version__} "
                              f"(built for {' '.join(arch_list)}): choose a T4 or L4 accelerator, or pass --device cpu")
+        torch.cuda.set_device(device)  # graph capture and side streams work on the current device
         return device
     if name == "auto":
         if torch.backends.mps.is_available():
@@ -1230,7 +1232,7 @@ def adopt_saved_recipe(cfg):
         setattr(cfg, key, state["recipe"][key])
 
 
-def start_distributed(cfg):
+def start_distributed():
     """(rank, world size, local rank): several processes under torchrun, one process otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
@@ -1238,11 +1240,10 @@ def start_distributed(cfg):
     import datetime
     import torch.distributed as dist
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = cfg.device in ("auto", "cuda") and torch.cuda.is_available()
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    if not dist.is_initialized():  # a long job must not time out the others' barrier
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(days=7))
+    if not dist.is_initialized():
+        # gloo on GPUs too: the processes only ever meet at a barrier, which needs no GPU, and NCCL refuses two
+        # processes on one GPU. A long job must not time out the others' barrier.
+        dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
     return dist.get_rank(), world, local_rank
 
 
@@ -1253,7 +1254,7 @@ def barrier(world):
 
 def run(cfg):
     """Train every (architecture, fold) job this process owns, then (rank 0) predict and write the outputs."""
-    rank, world, local_rank = start_distributed(cfg)
+    rank, world, local_rank = start_distributed()
     try:
         return _run(cfg, rank, world, local_rank)
     finally:
