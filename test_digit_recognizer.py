@@ -260,12 +260,17 @@ def test_build_runs_on_knows_which_cards_have_kernels(capability, arch_list, run
     assert dr.build_runs_on(capability, arch_list) == runs
 
 
+def fake_gpus(monkeypatch, count, capability, arch_list):
+    """A machine with `count` GPUs of this compute capability, under a PyTorch built for arch_list."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: arch_list)
+
+
 @pytest.mark.parametrize("device", ["auto", "cuda"])
 def test_a_gpu_without_kernels_in_this_build_exits_2_before_writing(device, small_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 0))
-    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_75", "sm_80", "sm_90"])
+    fake_gpus(monkeypatch, 1, (6, 0), ["sm_75", "sm_80", "sm_90"])
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla P100-PCIE-16GB")
     out = tmp_path / "out"
     assert dr.main(["--data", str(small_dir), "--out", str(out), "--device", device]) == 2
@@ -279,10 +284,7 @@ def test_a_gpu_without_kernels_in_this_build_exits_2_before_writing(device, smal
 @pytest.mark.parametrize("gpus,local_rank,index", [(1, 0, 0), (1, 3, 0), (2, 1, 1), (2, 3, 1), (4, 2, 2)])
 def test_torchrun_processes_share_the_gpus_round_robin(gpus, local_rank, index, monkeypatch):
     current = []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_80", "sm_90"])
+    fake_gpus(monkeypatch, gpus, (9, 0), ["sm_80", "sm_90"])
     monkeypatch.setattr(torch.cuda, "set_device", current.append)
     assert dr.resolve_device("auto", local_rank) == torch.device("cuda", index)
     assert current == [torch.device("cuda", index)]
