@@ -864,6 +864,14 @@ def output_bytes(out):
     return {name: (out / name).read_bytes() for name in ("submission.csv", "oof.csv")}
 
 
+def training_curves(out):
+    """Every finished job's per-epoch loss, accuracies and learning rate: the outputs keep only the best epoch's
+    weights, so a resume that started from wrong weights shows here first."""
+    return {path.name: [{k: v for k, v in epoch.items() if k != "seconds"}
+                        for epoch in torch.load(path, weights_only=True)["history"]]
+            for path in sorted((out / "checkpoints").glob("*_fold*.pt"))}
+
+
 @pytest.fixture(scope="session")
 def uninterrupted_run(small_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted")
@@ -888,7 +896,7 @@ def start_until_first_epoch_saved(data, out, make_args=long_run_args, **popen_op
     return process, state
 
 
-def test_resume_after_sigkill_mid_epoch_gives_identical_outputs(small_dir, tmp_path, uninterrupted):
+def test_resume_after_sigkill_mid_epoch_gives_identical_outputs(small_dir, tmp_path, uninterrupted_run, uninterrupted):
     process, state = start_until_first_epoch_saved(small_dir, tmp_path, stderr=subprocess.DEVNULL)
     process.send_signal(signal.SIGKILL)  # epoch 1 is saved; epoch 2 is under way
     process.wait()
@@ -898,6 +906,7 @@ def test_resume_after_sigkill_mid_epoch_gives_identical_outputs(small_dir, tmp_p
     assert result.returncode == 0, result.stderr
     assert f"resumes after epoch {saved_epoch}" in result.stdout
     assert output_bytes(tmp_path) == uninterrupted
+    assert training_curves(tmp_path) == training_curves(uninterrupted_run)
 
 
 def float16_args(data, out, *extra):
@@ -967,11 +976,14 @@ def test_sigterm_stops_cleanly_with_a_line_saying_how_to_continue(small_dir, tmp
     assert state.exists() and not (tmp_path / "submission.csv").exists()
 
 
-def test_resume_after_interrupt_during_checkpoint_write(small_dir, tmp_path, uninterrupted, monkeypatch, capsys):
+def test_resume_after_interrupt_during_checkpoint_write(small_dir, tmp_path, uninterrupted_run, uninterrupted,
+                                                        monkeypatch, capsys):
     real_save, calls = torch.save, []
 
     def interrupted_save(obj, path, *args, **kwargs):
         calls.append(path)
+        if len(calls) == 1:  # a slow disk: epoch 2 trains meanwhile, and what lands must still be epoch 1's state
+            time.sleep(1.0)
         if len(calls) == 2:  # the second epoch's state: half written, then Ctrl-C
             real_save(obj, path, *args, **kwargs)
             with open(path, "r+b") as f:
@@ -990,6 +1002,7 @@ def test_resume_after_interrupt_during_checkpoint_write(small_dir, tmp_path, uni
     result = run_script(long_run_args(small_dir, tmp_path))
     assert result.returncode == 0, result.stderr
     assert output_bytes(tmp_path) == uninterrupted
+    assert training_curves(tmp_path) == training_curves(uninterrupted_run)
     assert not list(checkpoints.glob("*.tmp*"))
 
 
