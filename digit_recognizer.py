@@ -1315,6 +1315,7 @@ def _run(cfg, rank, world, local_rank):
         print(f"{'[rank %d] ' % rank if world > 1 else ''}device {device} ({precision_name(amp_dtype)}), "
               f"{len(data.labels)} training images, {len(data.test_images)} test images, {len(mine)} "
               f"job{'s' if len(mine) > 1 else ''} of {cfg.epochs} epoch{'s' if cfg.epochs > 1 else ''}", flush=True)
+    setup_seconds = time.perf_counter() - wall_start  # device, data, checks: before the first job
     progress = Progress(cfg, len(mine), rank, world)
     for arch, fold in mine:
         if os.path.exists(checkpoint_path(cfg.out, arch, fold)):
@@ -1324,7 +1325,7 @@ def _run(cfg, rank, world, local_rank):
     barrier(world)
     if rank != 0:
         return None
-    return write_outputs(cfg, data, device, wall_start, demo_labels)
+    return write_outputs(cfg, data, device, wall_start, setup_seconds, demo_labels)
 
 
 def precision_name(amp_dtype):
@@ -1377,7 +1378,7 @@ def predict_jobs(cfg, data, device):
     return results, (test_sum / len(results)).numpy()
 
 
-def write_outputs(cfg, data, device, wall_start, demo_labels=None):
+def write_outputs(cfg, data, device, wall_start, setup_seconds, demo_labels=None):
     """The ensemble from the finished checkpoints: submission.csv, oof.csv, pictures, metrics.json."""
     predict_start = time.perf_counter()
     results, test_probs = predict_jobs(cfg, data, device)
@@ -1397,7 +1398,7 @@ def write_outputs(cfg, data, device, wall_start, demo_labels=None):
     predictions = test_probs.argmax(1)
     id_name, ids, label_name = data.submission
     write_csv(os.path.join(cfg.out, "submission.csv"), pd.DataFrame({id_name: ids, label_name: predictions}))
-    oof_acc = {}
+    oof_acc, pictures_seconds = {}, 0.0
     if oof_by_arch:
         oof_probs = np.mean(list(oof_by_arch.values()), axis=0)
         oof_acc = {arch: float((p.argmax(1) == labels).mean()) for arch, p in oof_by_arch.items()}
@@ -1406,8 +1407,10 @@ def write_outputs(cfg, data, device, wall_start, demo_labels=None):
         for digit in range(NUM_CLASSES):
             oof_frame[f"p{digit}"] = oof_probs[:, digit]
         write_csv(os.path.join(cfg.out, "oof.csv"), oof_frame, float_format="%.6f")
+        pictures_start = time.perf_counter()
         write_pictures(cfg, results, labels, oof_probs, data.images,
                        torch.Generator(device=device).manual_seed(cfg.seed))
+        pictures_seconds = time.perf_counter() - pictures_start
     else:
         print("no architecture has all its folds: no out-of-fold report and no pictures", flush=True)
 
@@ -1425,12 +1428,14 @@ def write_outputs(cfg, data, device, wall_start, demo_labels=None):
                   "train_images_per_second": r.images_trained / max(r.train_seconds, 1e-9), "history": r.history}
                  for r in results],
         "oof_accuracy": oof_acc,
+        "setup_seconds": setup_seconds,  # this session: device, reading and checking the data
         "train_seconds": train_seconds,  # training loops, per-epoch validation included, over every session
         "oof_predict_seconds": sum(r.oof_predict_seconds for r in results),
         "test_predict_seconds": test_seconds,
         "train_images_per_second": images_trained / max(train_seconds, 1e-9),
         "test_tta_images_per_second": len(data.test_images) * len(results) * len(tta_views(tta=cfg.tta)) / test_seconds,
-        "predict_seconds": time.perf_counter() - predict_start,
+        "pictures_seconds": pictures_seconds,
+        "predict_seconds": time.perf_counter() - predict_start,  # the predictions, the files and the pictures
         "wall_seconds": time.perf_counter() - wall_start,  # this session only
     }
     if device.type == "cuda":
@@ -1504,7 +1509,7 @@ def parse_args(argv=None):
                            help="auto picks cuda, then mps, then cpu")
     run_group.add_argument("--precision", default=defaults.precision,
                            choices=["auto", "float32", "bfloat16", "float16"],
-                           help="auto: bfloat16 autocast on GPUs with bfloat16 units, on Intel CPUs with AMX and on AMD "
+                           help="auto: bfloat16 autocast on GPUs with bfloat16 units, on CPUs with AMX and on AMD "
                                 "CPUs with AVX512-BF16; float16 with loss scaling on older GPUs; float32 elsewhere "
                                 "(mps always runs float32)")
     run_group.add_argument("--no-tta", action="store_true", help="predict the plain images only")

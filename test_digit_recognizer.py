@@ -346,6 +346,14 @@ def test_smoke_run_out_of_fold_accuracy_is_far_above_chance(smoke_run):
     assert metrics["train_images_per_second"] > 0 and "torch" in metrics["versions"]
 
 
+def test_metrics_say_where_the_wall_time_went(smoke_run):
+    metrics = json.loads((smoke_run / "metrics.json").read_text())
+    parts = [metrics[key] for key in ("setup_seconds", "train_seconds", "predict_seconds")]
+    assert all(part > 0 for part in parts) and 0 < metrics["pictures_seconds"] < metrics["predict_seconds"]
+    outside_epochs = metrics["wall_seconds"] - sum(parts)  # model building and the state writes of one session
+    assert 0 <= outside_epochs < metrics["train_seconds"]
+
+
 def test_checkpoints_load_as_data_and_reproduce_the_validation_accuracy(smoke_run, digits_dir):
     model, state = dr.load_checkpoint(str(smoke_run / "checkpoints" / "wide_fold0.pt"))
     assert (state["arch"], state["fold"]) == ("wide", 0)
