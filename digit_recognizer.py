@@ -1103,6 +1103,11 @@ def read_digits(path):
     return photo, digits
 
 
+def number_read(probs):
+    """The number that (digits, 10) probabilities read, left to right: '7', '2026'."""
+    return "".join(str(d) for d in probs.argmax(1).tolist())
+
+
 PICTURED_FILES = 24  # predictions.png shows the first files only: a taller picture is slow to draw and to read
 
 
@@ -1126,8 +1131,7 @@ def write_predictions_picture(out, readings):
         for (top, left, bottom, right), _ in digits:
             axes[row, 0].add_patch(Rectangle((left - 0.5, top - 0.5), right - left, bottom - top, fill=False,
                                              edgecolor="red", linewidth=1.5))
-        number = "".join(str(d) for d in probs.argmax(1).tolist())
-        axes[row, 0].set_title(f"{os.path.basename(path)}: {number}", fontsize=9)
+        axes[row, 0].set_title(f"{os.path.basename(path)}: {number_read(probs)}", fontsize=9)
         for col, ((_, frame), p) in enumerate(zip(digits, probs), start=1):
             axes[row, col].imshow(frame.numpy(), cmap="gray", vmin=0, vmax=1)
             axes[row, col].set_title(f"{p.argmax().item()}  ({p.max().item():.2f})", fontsize=9)
@@ -1160,7 +1164,7 @@ def predict_files(cfg):
         frames = torch.stack([frame for _, frame in digits]).view(-1, 1, IMAGE_SIZE, IMAGE_SIZE).to(device)
         probs = torch.stack([predict_probs(m, frames, views, amp_dtype) for m in models]).mean(0)  # (digits, 10)
         top = probs.topk(3)
-        number = "".join(str(d) for d in top.indices[:, 0].tolist())
+        number = number_read(probs)
         if len(digits) == 1:
             line = f"{path}: {number} ({top.values[0, 0].item():.3f})"
         else:
