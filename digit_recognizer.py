@@ -135,10 +135,11 @@ def _parse_chunk(path, role, frame, first_line):
     if len(pixel_columns) != NUM_PIXELS:
         raise InputError(f"{path}: {len(pixel_columns)} pixel columns, expected {NUM_PIXELS} (28x28)")
 
-    pixels = frame[pixel_columns]
-    _check_numeric(path, pixels, first_line)
-    values = pixels.to_numpy(dtype=np.float64)
-    bad = (values < 0) | (values > 255) | (values != np.floor(values))
+    pixels = _numeric(path, frame[pixel_columns], first_line)
+    values = pixels.to_numpy()  # int64, or float64 where a column holds a decimal point or a huge number
+    bad = (values < 0) | (values > 255)
+    if values.dtype.kind == "f":
+        bad |= values != np.floor(values)
     if bad.any():
         row, col = np.argwhere(bad)[0]
         raise InputError(f"{path}: line {first_line + row}, column {pixel_columns[col]}: "
@@ -146,23 +147,27 @@ def _parse_chunk(path, role, frame, first_line):
     return values.astype(np.uint8), labels, ids
 
 
-def _check_numeric(path, frame, first_line):
-    """Name the first empty or non-numeric cell; the frame's first row is on line first_line of the file."""
-    for column in frame.columns:
+def _numeric(path, frame, first_line):
+    """The frame with every column numeric, or an InputError naming the first empty or non-numeric cell; the
+    frame's first row is on line first_line of the file."""
+    for column in frame.select_dtypes(exclude="integer").columns:  # an integer column has no empty cell
         series = frame[column]
         if pd.api.types.is_numeric_dtype(series) and not series.isna().any():
             continue
         numeric = pd.to_numeric(series, errors="coerce")
-        row = int(np.flatnonzero(numeric.isna().to_numpy())[0])
-        cell = series.iloc[row]
+        missing = np.flatnonzero(numeric.isna().to_numpy())
+        if len(missing) == 0:  # integers beyond int64, which pandas keeps as Python objects
+            frame = frame.assign(**{column: numeric.astype(np.float64)})
+            continue
+        cell = series.iloc[missing[0]]
         if pd.isna(cell) or str(cell).strip() == "":
-            raise InputError(f"{path}: line {first_line + row}, column {column}: empty cell")
-        raise InputError(f"{path}: line {first_line + row}, column {column}: {str(cell)!r} is not a number")
+            raise InputError(f"{path}: line {first_line + missing[0]}, column {column}: empty cell")
+        raise InputError(f"{path}: line {first_line + missing[0]}, column {column}: {str(cell)!r} is not a number")
+    return frame
 
 
 def _integer_column(path, frame, column, low, high, first_line):
-    _check_numeric(path, frame[[column]], first_line)
-    values = frame[column].to_numpy(dtype=np.float64)
+    values = _numeric(path, frame[[column]], first_line)[column].to_numpy(dtype=np.float64)
     bad = (values < low) | (values > high) | (values != np.floor(values))
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
@@ -445,7 +450,7 @@ def cpu_vendor(cpuinfo="/proc/cpuinfo"):
                 if line.startswith("vendor_id"):
                     return line.partition(":")[2].strip()
     except OSError:
-        pass
+        bad |= values != np.floor(values)
     return next((vendor for vendor in ("GenuineIntel", "AuthenticAMD") if vendor in platform.processor()), "")
 
 

@@ -517,6 +517,14 @@ def write_bad_case(directory, case):
     elif case == "pixel above 255":
         train.loc[9, "pixel100"] = 256
         expected_text = "line 11, column pixel100: value 256 is not an integer in 0-255"
+    elif case == "fractional pixel":
+        train["pixel9"] = train["pixel9"].astype(float)
+        train.loc[4, "pixel9"] = 12.5
+        expected_text = "line 6, column pixel9: value 12.5 is not an integer in 0-255"
+    elif case == "pixel beyond int64":  # pandas keeps such a column as Python ints
+        train["pixel3"] = train["pixel3"].astype(object)
+        train.loc[2, "pixel3"] = 10**20
+        expected_text = "line 4, column pixel3: value 1e+20 is not an integer in 0-255"
     elif case == "negative pixel":
         test.loc[2, "pixel0"] = -1
         target, expected_text = "test", "line 4, column pixel0: value -1 is not an integer in 0-255"
@@ -547,7 +555,7 @@ def write_bad_case(directory, case):
 
 
 BAD_CASES = ["missing label column", "too few pixel columns", "non-numeric cell", "empty cell", "pixel above 255",
-             "negative pixel", "label outside 0-9", "empty file", "header only", "test with a label column",
+             "fractional pixel", "pixel beyond int64", "negative pixel", "label outside 0-9", "empty file", "header only", "test with a label column",
              "test with too many pixel columns", "missing test file"]
 
 
