@@ -573,14 +573,22 @@ def host_copy(state):
     return state
 
 
-def set_rng_states(states, generator, device):
+def set_rng_states(states, generator, device, seed):
+    """Continue the saved random streams, and return True. A state saved on another kind of device cannot continue
+    them (a CUDA generator's state is not a CPU generator's): the streams then start afresh from seed (False)."""
     states = {k: v.cpu() for k, v in states.items()}  # generator states are CPU byte tensors on every device
+    saved_on = "cuda" if "cuda" in states else "mps" if "mps" in states else "cpu"
+    if saved_on != device.type:
+        torch.manual_seed(seed)  # the CPU's and every accelerator's default generators
+        generator.manual_seed(seed)
+        return False
     torch.set_rng_state(states["cpu"])
     generator.set_state(states["generator"])
     if device.type == "cuda":
         torch.cuda.set_rng_state(states["cuda"], device)
     elif device.type == "mps":
         torch.mps.set_rng_state(states["mps"])
+    return True
 
 
 def train_step(model, optimizer, scaler, images, labels, batch_idx, generator, amp_dtype, cfg, totals):
@@ -678,16 +686,21 @@ def train_job(cfg, arch, fold, data, device, progress, recipe):
     state_path = checkpoint_path(cfg.out, arch, fold, in_progress=True)
     job = dict(epoch=0, best_acc=-1.0, best_epoch=0, best_state=None, stale=0, history=[], train_seconds=0.0)
     saved = load_in_progress(state_path, device)
+    implementation = {key: optimizer.defaults[key] for key in ("foreach", "fused", "capturable")}
     if saved is not None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         scaler.load_state_dict(saved["scaler"])
-        set_rng_states(saved["rng"], generator, device)
         job = {key: saved[key] for key in job}
-        progress.resumed(arch, fold, job["epoch"])
-    # A float learning rate everywhere but in a graph, whichever kind of run saved the state.
+        same_streams = set_rng_states(saved["rng"], generator, device, seed + job["epoch"])
+        progress.resumed(arch, fold, job["epoch"], "" if same_streams else " (saved on another kind of device: its "
+                         "random streams start afresh)")
+    # How AdamW runs is this session's choice, whichever kind of run saved the state: load_state_dict brings back
+    # the saved flags, and a graphed GPU run's capturable AdamW fails on the CPU (and a CPU run's fails in a graph).
+    # So is the learning rate's type: a float everywhere but in a graph.
     for group in optimizer.param_groups:
+        group.update(implementation)
         group["lr"] = torch.tensor(float(group["lr"]), device=device) if graphed else float(group["lr"])
     scheduler.base_lrs = [float(lr) for lr in scheduler.base_lrs]
 
@@ -866,9 +879,10 @@ class Progress:
               f"loss {r['train_loss']:.4f}  train {r['train_acc']:.4f}  val {r['val_acc']:.4f}  "
               f"lr {r['lr']:.2e}  {r['seconds']:.1f}s  eta {format_seconds(eta)}", flush=True)
 
-    def resumed(self, arch, fold, epochs_done):
+    def resumed(self, arch, fold, epochs_done, note=""):
         self.done += epochs_done
-        print(f"{self.prefix}{arch:<6} fold {fold + 1}/{self.cfg.folds} resumes after epoch {epochs_done}", flush=True)
+        print(f"{self.prefix}{arch:<6} fold {fold + 1}/{self.cfg.folds} resumes after epoch {epochs_done}{note}",
+              flush=True)
 
     def skipped(self, arch, fold):
         self.done += self.cfg.epochs

@@ -925,6 +925,28 @@ def test_resume_after_sigkill_mid_epoch_gives_identical_outputs(small_dir, tmp_p
     assert training_curves(tmp_path) == training_curves(uninterrupted_run)
 
 
+def test_state_saved_by_a_graphed_gpu_run_resumes_on_the_cpu(small_dir, tmp_path, uninterrupted_run):
+    """A Kaggle GPU session ends and the run goes on elsewhere. The state holds a graphed run's AdamW (capturable, a
+    float32 device-tensor learning rate), which the CPU refuses unless this session chooses its own, and CUDA
+    generator states, which a CPU generator cannot take: the job goes on from the saved epoch with fresh streams."""
+    process, state = start_until_first_epoch_saved(small_dir, tmp_path, stderr=subprocess.DEVNULL)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    saved = torch.load(state, weights_only=True)
+    for group in saved["optimizer"]["param_groups"]:
+        group.update(capturable=True, foreach=None, lr=torch.tensor(group["lr"]))  # as train_job sets them for a graph
+    cuda_generator_state = torch.zeros(16, dtype=torch.uint8)  # a CUDA generator's state: seed and offset
+    saved["rng"].update(generator=cuda_generator_state, cuda=cuda_generator_state)
+    torch.save(saved, state)
+    result = run_script(long_run_args(small_dir, tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert (f"resumes after epoch {saved['epoch']} (saved on another kind of device: its random streams start "
+            "afresh)") in result.stdout
+    resumed, whole = training_curves(tmp_path)["wide_fold0.pt"], training_curves(uninterrupted_run)["wide_fold0.pt"]
+    assert len(resumed) == len(whole) == 3 and resumed[:saved["epoch"]] == whole[:saved["epoch"]]
+    assert resumed[saved["epoch"]]["train_loss"] != whole[saved["epoch"]]["train_loss"]  # other random streams
+
+
 def float16_args(data, out, *extra):
     """float16 is the T4's arithmetic. Most CPUs only emulate it (a batch-128 step of the wide CNN took 8.8 s against
     0.31 s in float32 on an AMD EPYC), so these runs train one job for a few steps on a few images."""
@@ -1153,3 +1175,17 @@ def test_cuda_run_killed_after_an_epoch_resumes_to_the_same_outputs(digits_dir, 
     result = run_script(cuda_args(digits_dir, resumed))
     assert result.returncode == 0 and "resumes after epoch" in result.stdout, result.stderr
     assert output_bytes(resumed) == output_bytes(full)
+
+
+@needs_cuda
+def test_cuda_resumes_a_state_saved_on_the_cpu(small_dir, tmp_path):
+    """The other way round from the CPU test of a graphed run's state: a CPU run's AdamW is not capturable, which a
+    CUDA graph's capture refuses unless this session chooses its own."""
+    process, state = start_until_first_epoch_saved(small_dir, tmp_path, stderr=subprocess.DEVNULL)  # on the CPU
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not torch.load(state, weights_only=True)["optimizer"]["param_groups"][0]["capturable"]
+    result = run_script(cuda_args(small_dir, tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "(saved on another kind of device: its random streams start afresh)" in result.stdout
+    assert json.loads((tmp_path / "metrics.json").read_text())["device"].startswith("cuda")
