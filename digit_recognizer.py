@@ -905,6 +905,33 @@ def library_versions():
 PICTURES = ("curves.png", "confusion.png", "mistakes.png", "samples.png")
 
 
+TILE_GAP, TILE_INCHES = 4, 1.1 / 32  # white pixels between tiles; inches per pixel of a tile picture
+
+
+def tiles_figure(pictures, columns, titles=None):
+    """A figure of (N, H, W) pictures in [0, 1], in rows of `columns` on one axes with white between them, and
+    titles[k] over picture k. One imshow of them all: an axes per picture took most of a picture's drawing time."""
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+    count, height, width = pictures.shape
+    rows = max(1, math.ceil(count / columns))
+    top = TILE_GAP + (12 if titles is not None else 0)  # white above each row, for its titles
+    canvas = np.full((rows * (height + top), columns * (width + TILE_GAP) - TILE_GAP), np.nan)
+    for k, picture in enumerate(pictures):
+        y, x = k // columns * (height + top) + top, k % columns * (width + TILE_GAP)
+        canvas[y:y + height, x:x + width] = picture
+    fig = Figure(figsize=(canvas.shape[1] * TILE_INCHES, canvas.shape[0] * TILE_INCHES + 0.5), layout="constrained",
+                 dpi=110)
+    ax = fig.subplots()
+    ax.imshow(canvas, cmap=colormaps["gray"].with_extremes(bad="white"), vmin=0, vmax=1, interpolation="nearest")
+    for k, title in enumerate(titles or []):
+        ax.text(k % columns * (width + TILE_GAP) + width / 2, k // columns * (height + top) + top - 1, title,
+                ha="center", va="bottom", fontsize=8)
+    ax.set(xticks=[], yticks=[])
+    ax.set_frame_on(False)
+    return fig, ax
+
+
 def write_pictures(cfg, results, labels, oof_probs, images, generator):
     """curves.png, confusion.png, mistakes.png and samples.png in --out; skipped in one line without matplotlib."""
     try:
@@ -956,36 +983,25 @@ def write_pictures(cfg, results, labels, oof_probs, images, generator):
     # The out-of-fold mistakes, most confident first.
     wrong = np.flatnonzero(predictions != labels)
     wrong = wrong[np.argsort(-oof_probs[wrong, predictions[wrong]], kind="stable")][:40]
-    columns = 8
-    rows = max(1, math.ceil(len(wrong) / columns))
-    fig = Figure(figsize=(columns * 1.25, rows * 1.5 + 0.5), layout="constrained", dpi=110)
+    titles = [f"true {labels[i]}, pred {predictions[i]}\np = {oof_probs[i, predictions[i]]:.2f}" for i in wrong]
+    fig, ax = tiles_figure(images[wrong, 0].cpu().numpy(), columns=8, titles=titles)
     fig.suptitle(f"Out-of-fold mistakes, most confident first ({len(wrong)} of {errors} shown)")
-    axes = fig.subplots(rows, columns, squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, index in zip(axes.flat, wrong):
-        ax.imshow(images[index, 0].cpu().numpy(), cmap="gray", vmin=0, vmax=1)
-        ax.set_title(f"true {labels[index]}, pred {predictions[index]}\np = {oof_probs[index, predictions[index]]:.2f}",
-                     fontsize=8)
     if len(wrong) == 0:
-        axes[0, 0].text(0, 0.5, "no out-of-fold mistakes", fontsize=12)
+        ax.text(0, IMAGE_SIZE / 2, "no out-of-fold mistakes", fontsize=12)
     save(fig, "mistakes.png")
 
     # What the augmentation does: the first image of each digit, then augmented draws of it.
     firsts = [int(np.flatnonzero(labels == d)[0]) for d in range(NUM_CLASSES) if (labels == d).any()]
     draws = 7
     originals = images[firsts]
-    augmented = torch.stack([augment(originals, generator) for _ in range(draws)], 1).cpu()  # (digits, draws, 1, H, W)
-    fig = Figure(figsize=((draws + 1) * 1.1, len(firsts) * 1.1 + 0.4), layout="constrained", dpi=110)
+    augmented = torch.stack([augment(originals, generator) for _ in range(draws)], 1)  # (digits, draws, 1, H, W)
+    rows = torch.cat([originals[:, None], augmented], 1)  # (digits, 1 + draws, 1, H, W)
+    fig, ax = tiles_figure(rows.flatten(0, 2).cpu().numpy(), columns=draws + 1)
     fig.suptitle("Training augmentation: original, then random affine + perspective draws")
-    axes = fig.subplots(len(firsts), draws + 1, squeeze=False)
-    for row in range(len(firsts)):
-        pictures = [originals[row, 0].cpu()] + [augmented[row, k, 0] for k in range(draws)]
-        for col, picture in enumerate(pictures):
-            axes[row, col].imshow(picture.numpy(), cmap="gray", vmin=0, vmax=1)
-            axes[row, col].axis("off")
-    for col in range(draws + 1):
-        axes[0, col].set_title("original" if col == 0 else f"draw {col}", fontsize=8)
+    ax.xaxis.tick_top()
+    ax.tick_params(length=0)
+    ax.set_xticks([(IMAGE_SIZE + TILE_GAP) * k + IMAGE_SIZE / 2 for k in range(draws + 1)],
+                  ["original"] + [f"draw {k}" for k in range(1, draws + 1)], fontsize=8)
     save(fig, "samples.png")
     print(f"wrote {', '.join(PICTURES)}", flush=True)
 

@@ -624,6 +624,22 @@ def test_pictures_are_written_as_readable_pngs(smoke_run):
         assert imread(path).std() > 0.05  # not a blank canvas
 
 
+def test_tiles_figure_puts_picture_k_in_row_k_over_columns_and_its_title_above_it():
+    pictures = np.stack([np.full((28, 28), k / 10) for k in range(5)])
+    fig, ax = dr.tiles_figure(pictures, columns=2, titles=[f"tile {k}" for k in range(5)])
+    canvas = np.ma.filled(ax.images[0].get_array().astype(float), np.nan)
+    cell_height, cell_width = canvas.shape[0] // 3, (canvas.shape[1] + dr.TILE_GAP) // 2  # 3 rows of 2
+    for k in range(5):
+        row, col = divmod(k, 2)
+        top, left = (row + 1) * cell_height - 28, col * cell_width
+        assert np.all(canvas[top:top + 28, left:left + 28] == k / 10)
+        text = ax.texts[k]
+        assert text.get_text() == f"tile {k}" and left < text.get_position()[0] < left + 28
+        assert top - dr.TILE_GAP - 12 < text.get_position()[1] < top
+    assert np.isnan(canvas[-28:, cell_width:]).all()  # no sixth picture: white
+    assert np.isnan(canvas).sum() == canvas.size - 5 * 28 * 28
+
+
 def test_pictures_are_skipped_in_one_line_without_matplotlib(small_dir, tmp_path, monkeypatch, capsys):
     for module in ("matplotlib", "matplotlib.colors", "matplotlib.figure", "matplotlib.ticker"):
         monkeypatch.setitem(sys.modules, module, None)  # makes "import matplotlib..." raise ImportError
