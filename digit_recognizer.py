@@ -664,6 +664,7 @@ def train_job(cfg, arch, fold, data, device, progress, recipe):
     Every epoch ends by saving the whole training state atomically (weights, optimizer, scheduler, scaler, every
     random generator, best weights so far, patience), so a run killed at any point continues from its last completed
     epoch and ends with the same weights as a run never interrupted."""
+    job_start = time.perf_counter()
     train_idx, val_idx = data.folds[fold]
     train_images, train_labels = data.images[train_idx], data.labels[train_idx]
     val_images, val_labels = data.images[val_idx], data.labels[val_idx]
@@ -713,7 +714,7 @@ def train_job(cfg, arch, fold, data, device, progress, recipe):
 
     # Each epoch's state is copied to the host and written by a second thread while the next epoch trains: an H200
     # trains an epoch in 0.5-0.9 s, and writing its 40-50 MB state takes 0.06-0.1 s (on our CPU).
-    saving = None
+    saving, loop_start, epochs_seconds = None, time.perf_counter(), 0.0
     with ThreadPoolExecutor(max_workers=1) as saver:  # leaving waits for the last write, Ctrl-C included
         while job["epoch"] < cfg.epochs and job["stale"] < cfg.patience:
             job["epoch"] += 1
@@ -744,6 +745,7 @@ def train_job(cfg, arch, fold, data, device, progress, recipe):
                           val_acc=val_acc, lr=lr, seconds=seconds)
             job["history"].append(record)
             job["train_seconds"] += seconds
+            epochs_seconds += seconds
             state = host_copy({**job, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                                "rng": rng_states(generator, device), "recipe": recipe})
@@ -753,12 +755,16 @@ def train_job(cfg, arch, fold, data, device, progress, recipe):
             progress(arch, fold, record)
     if saving is not None:
         saving.result()
+    # This session's time outside the epochs: building the job, loading its saved state and capturing its graph;
+    # then the host snapshots of each epoch's state and the waits for their writes.
+    overhead = {"start": loop_start - job_start, "between_epochs": time.perf_counter() - loop_start - epochs_seconds}
     progress.job_done(job["epoch"])
 
     finished = {"model": job["best_state"], "arch": arch, "fold": fold, "epoch": job["best_epoch"],
                 "val_acc": job["best_acc"], "config": config_dict(cfg), "recipe": recipe, "finished": True,
                 "history": job["history"], "train_seconds": job["train_seconds"],
-                "images_trained": n_used * len(job["history"]), "precision": precision_name(amp_dtype)}
+                "images_trained": n_used * len(job["history"]), "precision": precision_name(amp_dtype),
+                "overhead_seconds": overhead}
     write_atomic(checkpoint_path(cfg.out, arch, fold), lambda tmp: torch.save(finished, tmp))
     os.remove(state_path)
 
@@ -1381,6 +1387,7 @@ class JobResult:
     train_seconds: float
     images_trained: int
     precision: str  # of its training: a job can be resumed or merged from another machine
+    overhead_seconds: dict  # outside the epochs, in the session that finished it: start, between_epochs
     val_probs: torch.Tensor  # (n_val, 10) with the TTA views, from the best weights
     oof_predict_seconds: float
     test_predict_seconds: float
@@ -1407,6 +1414,7 @@ def predict_jobs(cfg, data, device):
                 arch=arch, fold=fold, best_val_acc=state["val_acc"], best_epoch=state["epoch"],
                 history=state["history"], train_seconds=state["train_seconds"],
                 images_trained=state["images_trained"], precision=state.get("precision", "unknown"),
+                overhead_seconds=state.get("overhead_seconds", {"start": 0.0, "between_epochs": 0.0}),
                 val_probs=val_probs,
                 oof_predict_seconds=middle - start, test_predict_seconds=time.perf_counter() - middle))
     if not results:
@@ -1463,12 +1471,18 @@ def write_outputs(cfg, data, device, wall_start, setup_seconds, demo_labels=None
         "versions": library_versions(),
         "jobs": [{"arch": r.arch, "fold": r.fold, "best_val_acc": r.best_val_acc, "best_epoch": r.best_epoch,
                   "epochs_run": len(r.history), "precision": r.precision, "train_seconds": r.train_seconds,
+                  "start_seconds": r.overhead_seconds["start"],
+                  "between_epochs_seconds": r.overhead_seconds["between_epochs"],
                   "oof_predict_seconds": r.oof_predict_seconds, "test_predict_seconds": r.test_predict_seconds,
                   "train_images_per_second": r.images_trained / max(r.train_seconds, 1e-9), "history": r.history}
                  for r in results],
         "oof_accuracy": oof_acc,
         "setup_seconds": setup_seconds,  # this session: device, reading and checking the data
         "train_seconds": train_seconds,  # training loops, per-epoch validation included, over every session
+        # outside the epochs, in the sessions that finished the jobs: each job's building, resumed state and graph
+        # capture; each epoch's state snapshot and the waits for its write
+        "job_start_seconds": sum(r.overhead_seconds["start"] for r in results),
+        "between_epochs_seconds": sum(r.overhead_seconds["between_epochs"] for r in results),
         "oof_predict_seconds": sum(r.oof_predict_seconds for r in results),
         "test_predict_seconds": test_seconds,
         "train_images_per_second": images_trained / max(train_seconds, 1e-9),
