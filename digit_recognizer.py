@@ -20,6 +20,7 @@ import copy
 import dataclasses
 import glob
 import hashlib
+import io
 import json
 import math
 import os
@@ -751,7 +752,7 @@ def train_job(cfg, arch, fold, data, device, progress, recipe):
                                "rng": rng_states(generator, device), "recipe": recipe})
             if saving is not None:
                 saving.result()  # one write at a time, in epoch order; a failed write raises here
-            saving = saver.submit(write_atomic, state_path, lambda tmp, state=state: torch.save(state, tmp))
+            saving = saver.submit(write_atomic, state_path, lambda tmp, state=state: torch_save(state, tmp))
             progress(arch, fold, record)
     if saving is not None:
         saving.result()
@@ -765,7 +766,7 @@ def train_job(cfg, arch, fold, data, device, progress, recipe):
                 "history": job["history"], "train_seconds": job["train_seconds"],
                 "images_trained": n_used * len(job["history"]), "precision": precision_name(amp_dtype),
                 "overhead_seconds": overhead}
-    write_atomic(checkpoint_path(cfg.out, arch, fold), lambda tmp: torch.save(finished, tmp))
+    write_atomic(checkpoint_path(cfg.out, arch, fold), lambda tmp: torch_save(finished, tmp))
     os.remove(state_path)
 
 
@@ -774,13 +775,27 @@ def train_job(cfg, arch, fold, data, device, progress, recipe):
 
 
 def write_atomic(path, write):
+    """write(tmp) to a temporary name, then rename it to path, so the file is whole or absent. A full disk or a lost
+    mount is one line: everything written before stays whole, so the same command continues from it."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        raise InputError(f"{path}: cannot be written ({e.strerror or e}); once it can be, run the same command "
+                         "again to continue") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def torch_save(obj, path):
+    """torch.save through memory, so that a full disk raises OSError (torch's own file writer raises RuntimeError
+    'unexpected pos')."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    with open(path, "wb") as f:
+        f.write(buffer.getbuffer())
 
 
 def checkpoint_path(out, arch, fold, in_progress=False):
@@ -855,7 +870,7 @@ def prepare_out(out):
     probe = os.path.join(out, "checkpoints", f".write-test{os.getpid()}")
     try:
         os.makedirs(os.path.join(out, "checkpoints"), exist_ok=True)
-        write_atomic(probe, lambda tmp: open(tmp, "w").close())
+        open(probe, "w").close()
         os.remove(probe)
     except OSError as e:
         raise InputError(f"{out}: output directory cannot be written ({e.strerror or e})") from None

@@ -4,6 +4,7 @@ and are skipped without one.
     pytest test_digit_recognizer.py
     pytest test_digit_recognizer.py -k cuda     # on a machine with a CUDA GPU
 """
+import errno
 import json
 import os
 import platform
@@ -1035,32 +1036,63 @@ def test_sigterm_stops_cleanly_with_a_line_saying_how_to_continue(small_dir, tmp
 
 def test_resume_after_interrupt_during_checkpoint_write(small_dir, tmp_path, uninterrupted_run, uninterrupted,
                                                         monkeypatch, capsys):
-    real_save, calls = torch.save, []
+    real_save, calls = dr.torch_save, []
 
-    def interrupted_save(obj, path, *args, **kwargs):
+    def interrupted_save(obj, path):
         calls.append(path)
         if len(calls) == 1:  # a slow disk: epoch 2 trains meanwhile, and what lands must still be epoch 1's state
             time.sleep(1.0)
         if len(calls) == 2:  # the second epoch's state: half written, then Ctrl-C
-            real_save(obj, path, *args, **kwargs)
+            real_save(obj, path)
             with open(path, "r+b") as f:
                 f.truncate(os.path.getsize(path) // 2)
             raise KeyboardInterrupt
-        return real_save(obj, path, *args, **kwargs)
+        return real_save(obj, path)
 
-    monkeypatch.setattr(dr.torch, "save", interrupted_save)
+    monkeypatch.setattr(dr, "torch_save", interrupted_save)
     assert dr.main(long_run_args(small_dir, tmp_path)) == 130
     assert "run the same command again to continue" in capsys.readouterr().err
     checkpoints = tmp_path / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["wide_fold0.state.pt"]  # no half-written file left
     assert torch.load(checkpoints / "wide_fold0.state.pt", weights_only=True)["epoch"] == 1
     (checkpoints / "wide_fold0.state.pt.tmp99999").write_bytes(b"what a SIGKILL mid-write leaves")
-    monkeypatch.setattr(dr.torch, "save", real_save)
+    monkeypatch.setattr(dr, "torch_save", real_save)
     result = run_script(long_run_args(small_dir, tmp_path))
     assert result.returncode == 0, result.stderr
     assert output_bytes(tmp_path) == uninterrupted
     assert training_curves(tmp_path) == training_curves(uninterrupted_run)
     assert not list(checkpoints.glob("*.tmp*"))
+
+
+def test_a_full_disk_is_one_line_and_the_same_command_then_continues(small_dir, tmp_path, uninterrupted_run,
+                                                                      uninterrupted, monkeypatch, capsys):
+    real_save, calls = dr.torch_save, []
+
+    def save_until_the_disk_fills(obj, path):
+        calls.append(path)
+        if len(calls) == 2:  # the second epoch's state
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, path)
+
+    monkeypatch.setattr(dr, "torch_save", save_until_the_disk_fills)
+    assert dr.main(long_run_args(small_dir, tmp_path)) == 2
+    state = tmp_path / "checkpoints" / "wide_fold0.state.pt"
+    assert capsys.readouterr().err == (f"error: {state}: cannot be written ({os.strerror(errno.ENOSPC)}); once it can "
+                                       "be, run the same command again to continue\n")
+    assert torch.load(state, weights_only=True)["epoch"] == 1 and not (tmp_path / "submission.csv").exists()
+    monkeypatch.setattr(dr, "torch_save", real_save)
+    result = run_script(long_run_args(small_dir, tmp_path))
+    assert result.returncode == 0 and "resumes after epoch 1" in result.stdout, result.stderr
+    assert output_bytes(tmp_path) == uninterrupted
+    assert training_curves(tmp_path) == training_curves(uninterrupted_run)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_torch_save_reports_a_full_disk_as_the_oserror_it_is():
+    """torch.save's own file writer turns ENOSPC into RuntimeError('unexpected pos'); through memory it stays one."""
+    with pytest.raises(OSError) as error:
+        dr.torch_save({"weights": torch.zeros(100_000)}, "/dev/full")  # every write there fails with ENOSPC
+    assert error.value.errno == errno.ENOSPC
 
 
 def test_a_finished_run_skips_its_jobs(small_dir, uninterrupted_run, uninterrupted, capsys):
