@@ -559,8 +559,8 @@ def write_bad_case(directory, case):
 
 
 BAD_CASES = ["missing label column", "too few pixel columns", "non-numeric cell", "empty cell", "pixel above 255",
-             "fractional pixel", "pixel beyond int64", "negative pixel", "label outside 0-9", "empty file", "header only", "test with a label column",
-             "test with too many pixel columns", "missing test file"]
+             "fractional pixel", "pixel beyond int64", "negative pixel", "label outside 0-9", "empty file",
+             "header only", "test with a label column", "test with too many pixel columns", "missing test file"]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
