@@ -616,23 +616,31 @@ def train_step(model, optimizer, scaler, images, labels, batch_idx, generator, a
     totals["correct"] += (logits.argmax(1) == batch_labels).sum()
 
 
-def uses_cuda_graph(device, amp_dtype):
+def uses_cuda_graph(device):
     """A full batch's whole step (augmentation, forward, backward, AdamW) is one CUDA graph replay: a batch of 128
-    digits is ~470 small kernels, and launching them one by one left an H200 85% idle (README). Not with float16:
-    its gradient scaler checks for overflow on the host, which a graph cannot capture."""
-    return (device.type == "cuda" and amp_dtype != torch.float16
-            and hasattr(torch.cuda.CUDAGraph, "register_generator_state"))
+    digits is ~470 small kernels, and launching them one by one left an H200 85% idle (README)."""
+    return device.type == "cuda" and hasattr(torch.cuda.CUDAGraph, "register_generator_state")
 
 
-def capture_step(step, static_idx, model, optimizer, generator):
+def adamw(params, cfg, amp_dtype, capturable=False):
+    """AdamW of the recipe. float16's gradient scaler hands fused AdamW its scale and overflow flag as device
+    tensors, and the step skips itself on the device when the gradients overflowed. The other AdamW needs the host to
+    read that flag first, a sync that a CUDA graph cannot capture. (fused=None, not False, keeps the default.)"""
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, capturable=capturable,
+                             fused=amp_dtype == torch.float16 or None)
+
+
+def capture_step(step, static_idx, model, optimizer, scaler, generator):
     """Record step(static_idx) as a CUDA graph, leaving the job's state as it found it.
 
     Capture needs a few real steps first (cuDNN picks its kernels, AdamW creates its state), on a side stream.
-    Those steps change the weights, the optimizer state and the random generators; everything is put back, so a
-    run captured at epoch 1 and a run resumed (and captured) at epoch k train exactly the same steps."""
+    Those steps change the weights, the optimizer state, the gradient scaler and the random generators; everything
+    is put back, so a run captured at epoch 1 and a run resumed (and captured) at epoch k train exactly the same
+    steps."""
     device = static_idx.device
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     moments = {p: {k: v.clone() for k, v in state.items()} for p, state in optimizer.state.items()}
+    scaling = scaler.state_dict()  # float16's loss scale and growth count ({} for the disabled scaler)
     random_states = generator.get_state(), torch.cuda.get_rng_state(device)
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
@@ -654,6 +662,7 @@ def capture_step(step, static_idx, model, optimizer, generator):
                     v.copy_(moments[p][k])
                 else:  # a new job: AdamW's fresh state is all zeros, its step count too
                     v.zero_()
+    scaler.load_state_dict(scaling)  # in place, into the tensors the graph reads
     generator.set_state(random_states[0])
     torch.cuda.set_rng_state(random_states[1], device)
     return graph
@@ -673,12 +682,12 @@ def train_job(cfg, arch, fold, data, device, progress, recipe):
     torch.manual_seed(seed)  # model init (on the CPU, so the same on every device) and dropout
     generator = torch.Generator(device=device).manual_seed(seed)  # shuffling and augmentation
     amp_dtype, memory_format = autocast_dtype(device, cfg.precision), memory_format_for(device)
-    graphed = uses_cuda_graph(device, amp_dtype) and len(train_idx) >= cfg.batch_size
+    graphed = uses_cuda_graph(device) and len(train_idx) >= cfg.batch_size
 
     model = ARCHITECTURES[arch]().to(device, memory_format=memory_format)
     # In a CUDA graph the learning rate must be a device tensor that the schedule updates in place, and AdamW's
     # step count must live on the device (capturable).
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, capturable=graphed)
+    optimizer = adamw(model.parameters(), cfg, amp_dtype, capturable=graphed)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     n_train = len(train_images)
@@ -711,7 +720,7 @@ def train_job(cfg, arch, fold, data, device, progress, recipe):
                                         amp_dtype, cfg, totals)
     static_idx = torch.arange(cfg.batch_size, device=device)  # the graph's input: the full batch's indices
     model.train()
-    graph = capture_step(step, static_idx, model, optimizer, generator) if graphed else None
+    graph = capture_step(step, static_idx, model, optimizer, scaler, generator) if graphed else None
 
     # Each epoch's state is copied to the host and written by a second thread while the next epoch trains: an H200
     # trains an epoch in 0.5-0.9 s, and writing its 40-50 MB state takes 0.06-0.1 s (on our CPU).

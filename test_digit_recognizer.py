@@ -1009,18 +1009,19 @@ def test_float16_step_whose_gradients_overflow_is_skipped_and_the_scale_drops(di
     images, labels = digit_images
     torch.manual_seed(0)
     model = dr.WideConvNet()
-    optimizer = torch.optim.AdamW(model.parameters())
+    optimizer = dr.adamw(model.parameters(), dr.Config(), torch.float16)  # fused: it skips itself on the device
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 40)  # loss x 2^40: the float16 gradients overflow
     totals = {"loss_sum": torch.zeros(()), "correct": torch.zeros((), dtype=torch.long)}
     step = lambda: dr.train_step(model, optimizer, scaler, images, torch.from_numpy(labels), torch.arange(8),
                                  torch.Generator().manual_seed(0), torch.float16, dr.Config(), totals)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     step()
-    assert scaler.get_scale() == 2.0 ** 39 and not optimizer.state  # skipped: AdamW never stepped
+    steps = lambda: {state["step"].item() for state in optimizer.state.values()}
+    assert optimizer.defaults["fused"] and scaler.get_scale() == 2.0 ** 39 and steps() == {0}  # skipped
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
     scaler.update(2.0 ** 8)  # a scale whose gradients fit in float16
     step()
-    assert scaler.get_scale() == 2.0 ** 8 and optimizer.state
+    assert scaler.get_scale() == 2.0 ** 8 and steps() == {1}
     assert not all(torch.equal(p, before[name]) for name, p in model.named_parameters())
 
 
@@ -1206,6 +1207,15 @@ def test_cuda_short_run_trains_well_above_chance_in_each_precision(precision, di
 
 
 @needs_cuda
+def test_cuda_float16_steps_are_graph_replays(digits_dir, tmp_path, monkeypatch):
+    """float16's scaler checks for overflow on the device (fused AdamW), so its steps are CUDA graphs too."""
+    replays, replay = [], torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda graph: replays.append(1) or replay(graph))
+    assert dr.main(cuda_args(digits_dir, tmp_path, "--precision", "float16", "--fold", "0", "--epochs", "1")) == 0
+    assert len(replays) > 1
+
+
+@needs_cuda
 def test_cuda_checkpoint_gives_the_same_probabilities_on_cpu_and_gpu(smoke_run, digit_images):
     model, _ = dr.load_checkpoint(str(smoke_run / "checkpoints" / "wide_fold0.pt"))
     images, _ = digit_images
@@ -1215,15 +1225,19 @@ def test_cuda_checkpoint_gives_the_same_probabilities_on_cpu_and_gpu(smoke_run, 
 
 
 @needs_cuda
-def test_cuda_run_killed_after_an_epoch_resumes_to_the_same_outputs(digits_dir, tmp_path):
+@pytest.mark.parametrize("precision", ["bfloat16", "float16"])  # each step one CUDA graph, its scaler in it
+def test_cuda_run_killed_after_an_epoch_resumes_to_the_same_outputs(precision, digits_dir, tmp_path):
+    if precision == "bfloat16" and torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("this card has no bfloat16 units")
+    args = lambda data, out: cuda_args(data, out, "--precision", precision)
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    result = run_script(cuda_args(digits_dir, full))
+    result = run_script(args(digits_dir, full))
     assert result.returncode == 0, result.stderr
-    process, state = start_until_first_epoch_saved(digits_dir, resumed, cuda_args, stderr=subprocess.DEVNULL)
+    process, state = start_until_first_epoch_saved(digits_dir, resumed, args, stderr=subprocess.DEVNULL)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert state.exists() and not (resumed / "submission.csv").exists()
-    result = run_script(cuda_args(digits_dir, resumed))
+    result = run_script(args(digits_dir, resumed))
     assert result.returncode == 0 and "resumes after epoch" in result.stdout, result.stderr
     assert output_bytes(resumed) == output_bytes(full)
 
