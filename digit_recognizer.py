@@ -947,16 +947,15 @@ def tiles_figure(pictures, columns, titles=None):
     rows = max(1, math.ceil(count / columns))
     top = TILE_GAP + (12 if titles is not None else 0)  # white above each row, for its titles
     canvas = np.full((rows * (height + top), columns * (width + TILE_GAP) - TILE_GAP), np.nan)
-    for k, picture in enumerate(pictures):
-        y, x = k // columns * (height + top) + top, k % columns * (width + TILE_GAP)
+    corners = [(k // columns * (height + top) + top, k % columns * (width + TILE_GAP)) for k in range(count)]
+    for (y, x), picture in zip(corners, pictures):
         canvas[y:y + height, x:x + width] = picture
     fig = Figure(figsize=(canvas.shape[1] * TILE_INCHES, canvas.shape[0] * TILE_INCHES + 0.5), layout="constrained",
                  dpi=110)
     ax = fig.subplots()
     ax.imshow(canvas, cmap=colormaps["gray"].with_extremes(bad="white"), vmin=0, vmax=1, interpolation="nearest")
-    for k, title in enumerate(titles or []):
-        ax.text(k % columns * (width + TILE_GAP) + width / 2, k // columns * (height + top) + top - 1, title,
-                ha="center", va="bottom", fontsize=8)
+    for (y, x), title in zip(corners, titles or []):
+        ax.text(x + width / 2, y - 1, title, ha="center", va="bottom", fontsize=8)
     ax.set(xticks=[], yticks=[])
     ax.set_frame_on(False)
     return fig, ax
