@@ -461,10 +461,16 @@ def cpu_bfloat16_pays():
     - AVX512-BF16 on an AMD core (Zen 4 and 5): yes, 1.6-1.8x faster training reported from an AMD EPYC;
     - AVX512-BF16 on an Intel core without AMX (Cooper Lake): no. An Intel core measured here issues VDPBF16PS at a
       quarter of its FMA rate, half of float32's multiply-adds, and bfloat16 trained slower (README).
-    torch asks the CPU through private helpers; a torch without them counts as neither."""
+    torch asks the CPU through private helpers; a torch without them counts as neither. oneDNN uses only what
+    ONEDNN_MAX_CPU_ISA (or its older name DNNL_MAX_CPU_ISA) lets it: held at AVX512_CORE_BF16 it leaves the AMX
+    tiles unused, and at AVX2 or AVX512_CORE it has no bfloat16 instructions at all."""
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
+    amx_allowed = cap in ("ALL", "DEFAULT") or "AMX" in cap
+    bf16_allowed = amx_allowed or cap in ("AVX512_CORE_BF16", "AVX512_CORE_FP16") or cap.startswith("AVX10")
     amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
     avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
-    return bool(amx and amx()) or bool(avx512_bf16 and avx512_bf16() and cpu_vendor() == "AuthenticAMD")
+    return (amx_allowed and bool(amx and amx())) or (
+        bf16_allowed and bool(avx512_bf16 and avx512_bf16()) and cpu_vendor() == "AuthenticAMD")
 
 
 def autocast_dtype(device, precision="auto"):

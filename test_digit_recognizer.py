@@ -220,6 +220,8 @@ def set_cpu(monkeypatch, amx, avx512_bf16, vendor):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
     monkeypatch.setattr(dr, "cpu_vendor", lambda cpuinfo=None: vendor)
+    for cap in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):  # oneDNN's instruction-set caps (cpu_bfloat16_pays)
+        monkeypatch.delenv(cap, raising=False)
 
 
 @pytest.mark.parametrize("amx,avx512_bf16,vendor,precision,expected", [
@@ -237,6 +239,23 @@ def test_cpu_precision_is_bfloat16_only_where_it_pays_or_when_asked(amx, avx512_
     set_cpu(monkeypatch, amx, avx512_bf16, vendor)
     assert dr.autocast_dtype(torch.device("cpu"), precision) is expected
     assert dr.autocast_dtype(torch.device("mps"), precision) is None
+
+
+@pytest.mark.parametrize("cap,intel_amx,amd_avx512_bf16", [
+    ("", True, True), ("ALL", True, True), ("avx512_core_amx", True, True), ("AVX10_1_512_AMX_FP16", True, True),
+    ("AVX512_CORE_BF16", False, True), ("AVX10_2_512", False, True),  # what a CPU with AVX512-BF16 and no AMX has
+    ("AVX512_CORE_VNNI", False, False), ("AVX2", False, False), ("SSE41", False, False),
+])
+def test_a_onednn_held_below_amx_or_bfloat16_keeps_float32(cap, intel_amx, amd_avx512_bf16, monkeypatch):
+    set_cpu(monkeypatch, True, True, "GenuineIntel")  # a Xeon with AMX
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    assert dr.cpu_bfloat16_pays() is intel_amx
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)  # Zen 4
+    monkeypatch.setattr(dr, "cpu_vendor", lambda cpuinfo=None: "AuthenticAMD")
+    assert dr.cpu_bfloat16_pays() is amd_avx512_bf16
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", cap)  # oneDNN 1's name for it
+    assert dr.cpu_bfloat16_pays() is amd_avx512_bf16
 
 
 def test_cpu_vendor_comes_from_cpuinfo_or_from_windows_processor_string(tmp_path, monkeypatch):
