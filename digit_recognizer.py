@@ -123,6 +123,11 @@ def _parse_chunk(path, role, frame, first_line):
     if role == "train":
         if "label" not in columns:
             raise InputError(f"{path}: no 'label' column (expected label followed by {NUM_PIXELS} pixel columns)")
+        # pandas renames a repeated name: label, label.1, ...
+        labels_named = [c for c in columns if c == "label" or c.startswith("label.") and c[6:].isdigit()]
+        if len(labels_named) > 1:
+            raise InputError(f"{path}: {len(labels_named)} 'label' columns, expected one followed by {NUM_PIXELS} "
+                             "pixel columns")
         pixel_columns = [c for c in columns if c != "label"]
         labels = _integer_column(path, frame, "label", 0, NUM_CLASSES - 1, first_line)
     else:

@@ -526,6 +526,11 @@ def write_bad_case(directory, case):
     if case == "missing label column":
         train = train.drop(columns="label")
         expected_text = "no 'label' column"
+    elif case == "two label columns":  # pandas reads the second as 'label.1', which would pass for a pixel column
+        train = train.drop(columns="pixel783")
+        train.insert(1, "label.1", train["label"])
+        train.columns = ["label", "label", *columns[:783]]
+        expected_text = "2 'label' columns, expected one"
     elif case == "too few pixel columns":
         train = train.drop(columns="pixel783")
         expected_text = "783 pixel columns, expected 784"
@@ -577,7 +582,7 @@ def write_bad_case(directory, case):
     return f"{directory / expected[target]}: {expected_text}"
 
 
-BAD_CASES = ["missing label column", "too few pixel columns", "non-numeric cell", "empty cell", "pixel above 255",
+BAD_CASES = ["missing label column", "two label columns", "too few pixel columns", "non-numeric cell", "empty cell", "pixel above 255",
              "fractional pixel", "pixel beyond int64", "negative pixel", "label outside 0-9", "empty file",
              "header only", "test with a label column", "test with too many pixel columns", "missing test file"]
 
