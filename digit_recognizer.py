@@ -7,7 +7,7 @@ over 10 models x 4 fixed test-time views.
     python digit_recognizer.py --data /kaggle/input/digit-recognizer      # full run -> ./submission.csv
     python digit_recognizer.py --demo                                      # no download, a few CPU minutes
     python digit_recognizer.py --data DIR --archs wide --folds 2 --epochs 6 --out runs/quick
-    torchrun --standalone --nproc_per_node=2 digit_recognizer.py --data DIR  # jobs spread over 2 GPUs
+    python digit_recognizer.py --data DIR --processes 4                # jobs over 4 processes (default: 1 a GPU)
     python digit_recognizer.py --predict year.jpg --out runs/quick           # read digits in your own photos
     pytest test_digit_recognizer.py
 
@@ -26,6 +26,8 @@ import math
 import os
 import platform
 import signal
+import socket
+import subprocess
 import sys
 import threading
 import time
@@ -74,6 +76,7 @@ class Config:
     fold: tuple[int, ...] = ()  # train only these folds (all when empty)
     predict_only: bool = False  # build the outputs from the finished checkpoints in --out, no training
     fresh: bool = False  # discard the saved state in --out first
+    processes: int | None = None  # processes to spread the jobs over; None: one per GPU when there are several
     verbose: bool = False  # with --predict: also print the top 3
 
 
@@ -1332,8 +1335,69 @@ def adopt_saved_recipe(cfg):
         setattr(cfg, key, state["recipe"][key])
 
 
+def check_inputs(cfg, device):
+    """Read and check the data and --out before any training. Returns (data, the recipe of this run)."""
+    if cfg.predict_only:
+        adopt_saved_recipe(cfg)
+    data = load_data(cfg, device)
+    prepare_out(cfg.out)
+    return data, {**{key: getattr(cfg, key) for key in RECIPE_KEYS}, "data": data.digest}
+
+
+def processes_for(cfg):
+    """How many processes to spread the training jobs over: --processes, or one per GPU when this machine has
+    several (Kaggle's "T4 x2"), never more than there are jobs. One under torchrun, which started them."""
+    if "WORLD_SIZE" in os.environ or cfg.predict_only or cfg.demo:
+        return 1
+    jobs = len(cfg.archs) * len(cfg.fold or range(cfg.folds))
+    gpus = torch.cuda.device_count() if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else 1
+    return min(cfg.processes or gpus, jobs)
+
+
+def launch(cfg, processes, argv):
+    """Run this same command as several processes, as torchrun would start them (README: Long runs), and wait for
+    them. The inputs are checked here first, so that bad input is one line and not one per process. When one
+    process fails, the others are stopped too (each saves its state), as they would wait for it forever."""
+    script = globals().get("__file__")
+    if script is None:  # pasted into a notebook cell: no file to start again
+        print(f"{processes} processes wanted, but a notebook cell cannot start them: one process trains every job "
+              "(to spread them, run the file with torchrun: see the README's Long runs)", flush=True)
+        run(cfg)
+        return 0
+    autocast_dtype(resolve_device(cfg.device), cfg.precision)
+    _, recipe = check_inputs(cfg, torch.device("cpu"))
+    if not cfg.fresh:
+        check_saved_recipes(cfg, recipe)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    with socket.socket() as probe:  # a free port for the processes to meet on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {"OMP_NUM_THREADS": str(max(1, cpus // processes)), **os.environ,  # the cores, shared among them
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(processes),
+           "LOCAL_WORLD_SIZE": str(processes)}
+    print(f"spreading the jobs over {processes} processes (this command with RANK 0-{processes - 1} of WORLD_SIZE "
+          f"{processes})", flush=True)
+    workers = [subprocess.Popen([sys.executable, os.path.abspath(script), *argv],
+                                env={**env, "RANK": str(k), "LOCAL_RANK": str(k)}) for k in range(processes)]
+    try:
+        while True:
+            codes = [worker.poll() for worker in workers]
+            failed = next((code for code in codes if code not in (None, 0)), None)
+            if failed is not None or all(code == 0 for code in codes):
+                break
+            time.sleep(0.2)
+    except KeyboardInterrupt:  # Ctrl-C (which reached the processes too) or SIGTERM
+        failed = 130
+    for worker in workers:
+        if worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)  # each saves its state and says how to continue
+    for worker in workers:
+        worker.wait()
+    return failed or 0
+
+
 def start_distributed():
-    """(rank, world size, local rank): several processes under torchrun, one process otherwise."""
+    """(rank, world size, local rank): several processes under torchrun or launch(), one process otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, 0
@@ -1371,11 +1435,7 @@ def _run(cfg, rank, world, local_rank):
         cfg.data = os.path.join(cfg.out, "demo_data")
         prepare_out(cfg.out)
         demo_labels = make_demo_data(cfg.data, seed=cfg.seed)
-    if cfg.predict_only:
-        adopt_saved_recipe(cfg)
-    data = load_data(cfg, device)
-    prepare_out(cfg.out)
-    recipe = {**{key: getattr(cfg, key) for key in RECIPE_KEYS}, "data": data.digest}
+    data, recipe = check_inputs(cfg, device)
     if cfg.fresh and rank == 0:
         remove_saved_state(cfg.out)
     if world == 1:  # what a kill in the middle of a write left behind (with several processes, maybe a live write)
@@ -1607,6 +1667,9 @@ def parse_args(argv=None):
                            help="no training: build the outputs from the finished checkpoints in --out")
     long_runs.add_argument("--fresh", action="store_true",
                            help="discard the checkpoints and saved training state in --out before starting")
+    long_runs.add_argument("--processes", type=int, default=None, metavar="N",
+                           help="spread the jobs over N processes, as torchrun would (on GPUs, process k uses GPU "
+                                "k modulo their number) (default: one per GPU when there are several, else 1)")
     predict = parser.add_argument_group("predict your own digits")
     predict.add_argument("--predict", nargs="+", metavar="IMAGE", default=None,
                          help="read the digit, or the number written in one row, in each photo (PNG, JPEG, ...; "
@@ -1636,7 +1699,8 @@ def parse_args(argv=None):
               (args.weight_decay >= 0, "--weight-decay must not be negative"),
               (0 <= args.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
               (args.patience >= 1, "--patience must be at least 1"),
-              (args.limit is None or args.limit >= 1, "--limit must be at least 1")]
+              (args.limit is None or args.limit >= 1, "--limit must be at least 1"),
+              (args.processes is None or args.processes >= 1, "--processes must be at least 1")]
     for ok, message in checks:
         if not ok:
             raise InputError(message)
@@ -1654,7 +1718,7 @@ def parse_args(argv=None):
                  weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, patience=args.patience,
                  seed=args.seed, device=args.device, precision=args.precision, tta=not args.no_tta,
                  limit=args.limit, demo=args.demo, predict=tuple(args.predict or ()), verbose=args.verbose, fold=folds,
-                 predict_only=args.predict_only, fresh=args.fresh)
+                 predict_only=args.predict_only, fresh=args.fresh, processes=args.processes)
     return cfg
 
 
@@ -1669,13 +1733,17 @@ def main(argv=None):
         cfg = parse_args(argv)
         if cfg.predict:
             return predict_files(cfg)
+        processes = processes_for(cfg)
+        if processes > 1:
+            return launch(cfg, processes, sys.argv[1:] if argv is None else list(argv))
         run(cfg)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: every job saves its state after each epoch; run the same command again to continue "
-              "(add --fresh to start over)", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # one line for all the processes
+            print("interrupted: every job saves its state after each epoch; run the same command again to "
+                  "continue (add --fresh to start over)", file=sys.stderr)
         return 130
     finally:
         if in_main_thread:

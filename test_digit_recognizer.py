@@ -582,9 +582,10 @@ def write_bad_case(directory, case):
     return f"{directory / expected[target]}: {expected_text}"
 
 
-BAD_CASES = ["missing label column", "two label columns", "too few pixel columns", "non-numeric cell", "empty cell", "pixel above 255",
-             "fractional pixel", "pixel beyond int64", "negative pixel", "label outside 0-9", "empty file",
-             "header only", "test with a label column", "test with too many pixel columns", "missing test file"]
+BAD_CASES = ["missing label column", "two label columns", "too few pixel columns", "non-numeric cell", "empty cell",
+             "pixel above 255", "fractional pixel", "pixel beyond int64", "negative pixel", "label outside 0-9",
+             "empty file", "header only", "test with a label column", "test with too many pixel columns",
+             "missing test file"]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
@@ -1179,15 +1180,79 @@ def test_predict_only_without_checkpoints_exits_2(small_dir, tmp_path, capsys):
     assert err.count("\n") == 1 and "no finished checkpoints" in err
 
 
-def test_torchrun_with_two_cpu_processes_equals_one_process(small_dir, tmp_path):
-    one_thread = {"OMP_NUM_THREADS": "1"}  # torchrun gives each of its processes one thread
+def test_two_cpu_processes_equal_one_process(small_dir, tmp_path):
+    """--processes 2 starts the same command twice, as torchrun would: the outputs of one process."""
+    one_thread = {"OMP_NUM_THREADS": "1"}  # the same threads per process in both runs, so the same bytes
     single = run_script(long_run_args(small_dir, tmp_path / "single"), env=one_thread)
     assert single.returncode == 0, single.stderr
-    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
-    double = run_script(long_run_args(small_dir, tmp_path / "double"), env=one_thread, launcher=launcher)
+    double = run_script(long_run_args(small_dir, tmp_path / "double", "--processes", "2"), env=one_thread)
     assert double.returncode == 0, double.stderr
+    assert "spreading the jobs over 2 processes (this command with RANK 0-1 of WORLD_SIZE 2)" in double.stdout
     assert "[rank 0] wide   fold 1/2" in double.stdout and "[rank 1] wide   fold 2/2" in double.stdout
     assert output_bytes(tmp_path / "double") == output_bytes(tmp_path / "single")
+
+
+@pytest.mark.parametrize("argv,env,gpus,processes", [
+    ([], {}, 2, 2),  # Kaggle's T4 x2: one process per GPU
+    ([], {}, 8, 8), (["--archs", "wide"], {}, 8, 5),  # never more processes than jobs
+    ([], {}, 1, 1), ([], {}, 0, 1), (["--device", "cpu"], {}, 2, 1),
+    (["--processes", "3"], {}, 0, 3), (["--processes", "3", "--fold", "0"], {}, 2, 2),
+    ([], {"WORLD_SIZE": "2"}, 2, 1),  # already under torchrun
+    (["--predict-only"], {}, 2, 1), (["--demo"], {}, 2, 1),
+])
+def test_the_jobs_are_spread_over_one_process_per_gpu(argv, env, gpus, processes, monkeypatch):
+    fake_gpus(monkeypatch, gpus, (7, 5), ["sm_75"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert dr.processes_for(dr.parse_args(argv)) == processes
+
+
+def test_several_processes_check_the_inputs_once_before_starting(tmp_path, capsys, monkeypatch):
+    data, out = tmp_path / "data", tmp_path / "out"
+    data.mkdir()
+    expected = write_bad_case(data, "label outside 0-9")
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail("started processes for bad input"))
+    assert dr.main(tiny_args(data, out, "--processes", "2")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {expected}") and err.count("\n") == 1
+
+
+class FakeWorker:
+    """A process that exits with `code` on its `lives`-th poll, or when it gets SIGTERM (with 130)."""
+
+    def __init__(self, code, lives):
+        self.code, self.lives, self.signals = code, lives, []
+
+    def poll(self):
+        self.lives -= 1
+        return self.code if self.lives <= 0 else None
+
+    def send_signal(self, signum):
+        self.signals.append(signum)
+        self.code, self.lives = 130, 0
+
+    def wait(self):
+        return self.code
+
+
+def test_when_one_process_fails_the_others_are_stopped(small_dir, tmp_path, monkeypatch):
+    workers = [FakeWorker(None, 10**9), FakeWorker(2, 3)]  # rank 1 fails; rank 0 would wait for it forever
+    started = []
+    monkeypatch.setattr(subprocess, "Popen", lambda command, env: started.append(env) or workers[len(started) - 1])
+    assert dr.main(tiny_args(small_dir, tmp_path, "--processes", "2")) == 2
+    assert workers[0].signals == [signal.SIGTERM] and workers[1].signals == []
+    assert [env["RANK"] for env in started] == ["0", "1"] and all(env["WORLD_SIZE"] == "2" for env in started)
+    assert started[0]["MASTER_PORT"] == started[1]["MASTER_PORT"]
+
+
+def test_a_notebook_cell_trains_in_one_process(small_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.delattr(dr, "__file__")  # code pasted into a cell has no file to start again
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail("started processes from a notebook"))
+    assert dr.main(tiny_args(small_dir, tmp_path, "--processes", "2", "--archs", "wide")) == 0
+    assert "a notebook cell cannot start them: one process trains every job" in capsys.readouterr().out
+    assert (tmp_path / "submission.csv").exists()
 
 
 def test_csv_is_read_in_chunks_with_the_right_line_numbers(tmp_path):
