@@ -5,10 +5,10 @@ augmentation, AdamW + cosine, label smoothing and early stopping; the submission
 over 10 models x 4 fixed test-time views.
 
     python digit_recognizer.py --data /kaggle/input/digit-recognizer      # full run -> ./submission.csv
-    python digit_recognizer.py --demo                                      # no download, a few CPU minutes
+    python digit_recognizer.py --demo                                     # no download, a few CPU minutes
     python digit_recognizer.py --data DIR --archs wide --folds 2 --epochs 6 --out runs/quick
-    python digit_recognizer.py --data DIR --processes 4                # jobs over 4 processes (default: 1 a GPU)
-    python digit_recognizer.py --predict year.jpg --out runs/quick           # read digits in your own photos
+    python digit_recognizer.py --data DIR --processes 4                   # jobs over 4 processes (default: one per GPU)
+    python digit_recognizer.py --predict year.jpg --out runs/quick        # read digits in your own photos
     pytest test_digit_recognizer.py
 
 On Kaggle, paste this file into a script kernel and run it as it is: with no --data it reads
