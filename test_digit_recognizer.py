@@ -1275,9 +1275,9 @@ def test_csv_is_read_in_chunks_with_the_right_line_numbers(tmp_path):
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def cuda_args(data, out, *extra):
+def cuda_args(data, out, *extra):  # one process, also on a machine with several GPUs
     return ["--data", str(data), "--out", str(out), "--archs", "wide", "--folds", "2", "--epochs", "3",
-            "--batch-size", "32", "--device", "cuda", *extra]
+            "--batch-size", "32", "--device", "cuda", "--processes", "1", *extra]
 
 
 @needs_cuda
