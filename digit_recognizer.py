@@ -1344,6 +1344,9 @@ def check_inputs(cfg, device):
     return data, {**{key: getattr(cfg, key) for key in RECIPE_KEYS}, "data": data.digest}
 
 
+LAUNCHER = "DIGIT_RECOGNIZER_LAUNCHER"  # the launching process's pid, in the environment of those it starts
+
+
 def processes_for(cfg):
     """How many processes to spread the training jobs over: --processes, or one per GPU when this machine has
     several (Kaggle's "T4 x2"), never more than there are jobs. One under torchrun, which started them."""
@@ -1374,7 +1377,7 @@ def launch(cfg, processes, argv):
         port = probe.getsockname()[1]
     env = {"OMP_NUM_THREADS": str(max(1, cpus // processes)), **os.environ,  # the cores, shared among them
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(processes),
-           "LOCAL_WORLD_SIZE": str(processes)}
+           "LOCAL_WORLD_SIZE": str(processes), LAUNCHER: str(os.getpid())}
     print(f"spreading the jobs over {processes} processes (this command with RANK 0-{processes - 1} of WORLD_SIZE "
           f"{processes})", flush=True)
     workers = [subprocess.Popen([sys.executable, os.path.abspath(script), *argv],
@@ -1396,11 +1399,24 @@ def launch(cfg, processes, argv):
     return failed or 0
 
 
+def follow_launcher():
+    """A process started by launch() stops as on SIGTERM (saving its state) when the launching process dies, even
+    by SIGKILL: a rerun must not find it still training the same jobs. Linux's PR_SET_PDEATHSIG; elsewhere a no-op."""
+    launcher = os.environ.get(LAUNCHER)
+    if launcher is None or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != int(launcher):  # it died before we asked
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def start_distributed():
     """(rank, world size, local rank): several processes under torchrun or launch(), one process otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, 0
+    follow_launcher()
     import datetime
     import torch.distributed as dist
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

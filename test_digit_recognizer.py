@@ -1219,6 +1219,34 @@ def test_several_processes_check_the_inputs_once_before_starting(tmp_path, capsy
     assert err.startswith(f"error: {expected}") and err.count("\n") == 1
 
 
+def proc_stat(pid):
+    """(state, parent pid) of a process from Linux's /proc, or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return fields[0], int(fields[1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_processes_stop_and_save_when_their_launcher_is_killed(small_dir, tmp_path):
+    args = lambda data, out: long_run_args(data, out, "--processes", "2")
+    launcher, state = start_until_first_epoch_saved(small_dir, tmp_path, args, stderr=subprocess.DEVNULL)
+    pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
+    workers = [pid for pid in pids if (proc_stat(pid) or (None, None))[1] == launcher.pid]
+    assert len(workers) == 2
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait()
+    running = lambda: [pid for pid in workers if (proc_stat(pid) or ("Z",))[0] != "Z"]  # a zombie has ended
+    deadline = time.time() + 60
+    while running() and time.time() < deadline:
+        time.sleep(0.05)
+    assert not running() and not (tmp_path / "submission.csv").exists()
+    result = run_script(args(small_dir, tmp_path))
+    assert result.returncode == 0 and "resumes after epoch" in result.stdout, result.stderr
+
+
 class FakeWorker:
     """A process that exits with `code` on its `lives`-th poll, or when it gets SIGTERM (with 130)."""
 
