@@ -1364,7 +1364,7 @@ def launch(cfg, processes, argv):
     script = globals().get("__file__")
     if script is None:  # pasted into a notebook cell: no file to start again
         print(f"{processes} processes wanted, but a notebook cell cannot start them: one process trains every job "
-              "(to spread them, run the file with torchrun: see the README's Long runs)", flush=True)
+              "(to spread them, save the cell as a file and run that: see the README's Long runs)", flush=True)
         run(cfg)
         return 0
     autocast_dtype(resolve_device(cfg.device), cfg.precision)
@@ -1396,6 +1396,8 @@ def launch(cfg, processes, argv):
             worker.send_signal(signal.SIGTERM)  # each saves its state and says how to continue
     for worker in workers:
         worker.wait()
+    if failed is not None and failed < 0:  # killed by signal k: 128 + k, as a shell reports it
+        failed = 128 - failed
     return failed or 0
 
 

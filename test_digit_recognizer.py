@@ -1265,11 +1265,12 @@ class FakeWorker:
         return self.code
 
 
-def test_when_one_process_fails_the_others_are_stopped(small_dir, tmp_path, monkeypatch):
-    workers = [FakeWorker(None, 10**9), FakeWorker(2, 3)]  # rank 1 fails; rank 0 would wait for it forever
+@pytest.mark.parametrize("code,exit_code", [(2, 2), (-signal.SIGKILL, 128 + signal.SIGKILL)])
+def test_when_one_process_fails_the_others_are_stopped(code, exit_code, small_dir, tmp_path, monkeypatch):
+    workers = [FakeWorker(None, 10**9), FakeWorker(code, 3)]  # rank 1 fails; rank 0 would wait for it forever
     started = []
     monkeypatch.setattr(subprocess, "Popen", lambda command, env: started.append(env) or workers[len(started) - 1])
-    assert dr.main(tiny_args(small_dir, tmp_path, "--processes", "2")) == 2
+    assert dr.main(tiny_args(small_dir, tmp_path, "--processes", "2")) == exit_code
     assert workers[0].signals == [signal.SIGTERM] and workers[1].signals == []
     assert [env["RANK"] for env in started] == ["0", "1"] and all(env["WORLD_SIZE"] == "2" for env in started)
     assert started[0]["MASTER_PORT"] == started[1]["MASTER_PORT"]
