@@ -1344,17 +1344,22 @@ def check_inputs(cfg, device):
     return data, {**{key: getattr(cfg, key) for key in RECIPE_KEYS}, "data": data.digest}
 
 
+def training_jobs(cfg):
+    """The (architecture, fold) jobs this command trains: none with --predict-only."""
+    folds = cfg.fold or range(cfg.folds)
+    return [] if cfg.predict_only else [(arch, fold) for arch in cfg.archs for fold in folds]
+
+
 LAUNCHER = "DIGIT_RECOGNIZER_LAUNCHER"  # the launching process's pid, in the environment of those it starts
 
 
 def processes_for(cfg):
     """How many processes to spread the training jobs over: --processes, or one per GPU when this machine has
     several (Kaggle's "T4 x2"), never more than there are jobs. One under torchrun, which started them."""
-    if "WORLD_SIZE" in os.environ or cfg.predict_only or cfg.demo:
+    if "WORLD_SIZE" in os.environ or cfg.demo:
         return 1
-    jobs = len(cfg.archs) * len(cfg.fold or range(cfg.folds))
     gpus = torch.cuda.device_count() if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else 1
-    return min(cfg.processes or gpus, jobs)
+    return max(1, min(cfg.processes or gpus, len(training_jobs(cfg))))
 
 
 def launch(cfg, processes, argv):
@@ -1465,9 +1470,7 @@ def _run(cfg, rank, world, local_rank):
     if device.type == "cuda":  # the same seed gives the same files: no autotuner that may pick other kernels per run
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
-    folds = cfg.fold if cfg.fold else tuple(range(cfg.folds))
-    jobs = [] if cfg.predict_only else [(arch, fold) for arch in cfg.archs for fold in folds]
-    mine = jobs[rank::world]  # every job seeds itself, so the split cannot change any result
+    mine = training_jobs(cfg)[rank::world]  # every job seeds itself, so the split cannot change any result
     if mine:
         print(f"{'[rank %d] ' % rank if world > 1 else ''}device {device} ({precision_name(amp_dtype)}), "
               f"{len(data.labels)} training images, {len(data.test_images)} test images, {len(mine)} "
