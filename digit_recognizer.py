@@ -1373,7 +1373,7 @@ def launch(cfg, processes, argv):
         run(cfg)
         return 0
     autocast_dtype(resolve_device(cfg.device), cfg.precision)
-    _, recipe = check_inputs(cfg, torch.device("cpu"))
+    recipe = check_inputs(cfg, torch.device("cpu"))[1]  # the data itself is the processes' to hold, not ours
     if not cfg.fresh:
         check_saved_recipes(cfg, recipe)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
