@@ -99,7 +99,8 @@ def read_digits_csv(path, role, chunk_rows=10_000):
         raise InputError(f"{path}: file not found")
     pixels, labels, ids, first_line = [], [], [], 2  # line 1 is the header
     try:
-        for frame in pd.read_csv(path, chunksize=chunk_rows):
+        # na_filter off: a cell reading NA or NaN is named as written, not reported as an empty one.
+        for frame in pd.read_csv(path, chunksize=chunk_rows, na_filter=False):
             if len(frame) == 0:
                 continue
             frame.columns = [str(c).strip() for c in frame.columns]

@@ -538,6 +538,10 @@ def write_bad_case(directory, case):
         train["pixel5"] = train["pixel5"].astype(object)
         train.loc[3, "pixel5"] = "abc"
         expected_text = "line 5, column pixel5: 'abc' is not a number"
+    elif case == "NA in a label":  # R writes a missing value as NA, which pandas would read as an empty cell
+        train["label"] = train["label"].astype(object)
+        train.loc[1, "label"] = "NA"
+        expected_text = "line 3, column label: 'NA' is not a number"
     elif case == "empty cell":
         train["pixel7"] = train["pixel7"].astype(float)
         train.loc[0, "pixel7"] = np.nan
@@ -582,10 +586,10 @@ def write_bad_case(directory, case):
     return f"{directory / expected[target]}: {expected_text}"
 
 
-BAD_CASES = ["missing label column", "two label columns", "too few pixel columns", "non-numeric cell", "empty cell",
-             "pixel above 255", "fractional pixel", "pixel beyond int64", "negative pixel", "label outside 0-9",
-             "empty file", "header only", "test with a label column", "test with too many pixel columns",
-             "missing test file"]
+BAD_CASES = ["missing label column", "two label columns", "too few pixel columns", "non-numeric cell", "NA in a label",
+             "empty cell", "pixel above 255", "fractional pixel", "pixel beyond int64", "negative pixel",
+             "label outside 0-9", "empty file", "header only", "test with a label column",
+             "test with too many pixel columns", "missing test file"]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
