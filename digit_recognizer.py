@@ -111,7 +111,9 @@ def read_digits_csv(path, role, chunk_rows=10_000):
             first_line += len(frame)
     except pd.errors.EmptyDataError:
         raise InputError(f"{path}: file is empty") from None
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
+    except UnicodeDecodeError:  # pandas says where in its buffer, not where in the file
+        raise InputError(f"{path}: {_first_undecodable(path)} is not UTF-8 text") from None
+    except (pd.errors.ParserError, ValueError) as e:
         raise InputError(f"{path}: not a readable CSV ({str(e).strip().splitlines()[-1]})") from None
     if not pixels:
         raise InputError(f"{path}: no data rows, only a header")
@@ -119,6 +121,17 @@ def read_digits_csv(path, role, chunk_rows=10_000):
     if ids[0] is not None:
         id_column = (ids[0][0], np.concatenate([values for _, values in ids]))
     return (np.concatenate(pixels), np.concatenate(labels) if role == "train" else None, id_column)
+
+
+def _first_undecodable(path):
+    """'line 5, byte 0xe9': where the file at path first stops being UTF-8."""
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return f"line {number}, byte 0x{line[e.start]:02x}"
+    return "a byte"  # not reached: pandas decodes the same bytes
 
 
 def _parse_chunk(path, role, frame, first_line):

@@ -577,8 +577,12 @@ def write_bad_case(directory, case):
         target, expected_text = "test", "786 pixel columns, expected 784"
     elif case == "missing test file":
         target, expected_text = "test", "file not found"
+    elif case == "not UTF-8":  # pandas names a position in its buffer: the message must name the file's line
+        test["pixel1"] = test["pixel1"].astype(object)
+        test.loc[2, "pixel1"] = "\xe9"
+        target, expected_text = "test", "line 4, byte 0xe9 is not UTF-8 text"
     train.to_csv(directory / "train.csv", index=False)
-    test.to_csv(directory / "test.csv", index=False)
+    test.to_csv(directory / "test.csv", index=False, encoding="latin-1")
     if case == "empty file":
         (directory / "train.csv").write_text("")
     if case == "missing test file":
@@ -589,7 +593,7 @@ def write_bad_case(directory, case):
 BAD_CASES = ["missing label column", "two label columns", "too few pixel columns", "non-numeric cell", "NA in a label",
              "empty cell", "pixel above 255", "fractional pixel", "pixel beyond int64", "negative pixel",
              "label outside 0-9", "empty file", "header only", "test with a label column",
-             "test with too many pixel columns", "missing test file"]
+             "test with too many pixel columns", "missing test file", "not UTF-8"]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
