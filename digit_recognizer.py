@@ -21,6 +21,7 @@ import dataclasses
 import glob
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -97,18 +98,18 @@ def read_digits_csv(path, role, chunk_rows=10_000):
     """
     if not os.path.isfile(path):
         raise InputError(f"{path}: file not found")
-    pixels, labels, ids, first_line = [], [], [], 2  # line 1 is the header
+    pixels, labels, ids, first_row = [], [], [], 0
     try:
         # na_filter off: a cell reading NA or NaN is named as written, not reported as an empty one.
         for frame in pd.read_csv(path, chunksize=chunk_rows, na_filter=False):
             if len(frame) == 0:
                 continue
             frame.columns = [str(c).strip() for c in frame.columns]
-            chunk_pixels, chunk_labels, chunk_ids = _parse_chunk(path, role, frame, first_line)
+            chunk_pixels, chunk_labels, chunk_ids = _parse_chunk(path, role, frame, first_row)
             pixels.append(chunk_pixels)
             labels.append(chunk_labels)
             ids.append(chunk_ids)
-            first_line += len(frame)
+            first_row += len(frame)
     except pd.errors.EmptyDataError:
         raise InputError(f"{path}: file is empty") from None
     except UnicodeDecodeError:  # pandas says where in its buffer, not where in the file
@@ -123,6 +124,15 @@ def read_digits_csv(path, role, chunk_rows=10_000):
     return (np.concatenate(pixels), np.concatenate(labels) if role == "train" else None, id_column)
 
 
+def _line(path, row):
+    """The line of the file (from 1) that holds data row `row` (from 0). pandas skips blank lines, so it is counted
+    here, when a message needs it, rather than taken to be row + 2."""
+    with open(path, "rb") as f:
+        data_lines = (number for number, line in enumerate(f, 1) if line.strip())
+        next(data_lines, None)  # the header
+        return next(itertools.islice(data_lines, row, None), row + 2)
+
+
 def _first_undecodable(path):
     """'line 5, byte 0xe9': where the file at path first stops being UTF-8."""
     with open(path, "rb") as f:
@@ -134,7 +144,7 @@ def _first_undecodable(path):
     return "a byte"  # not reached: pandas decodes the same bytes
 
 
-def _parse_chunk(path, role, frame, first_line):
+def _parse_chunk(path, role, frame, first_row):
     columns = list(frame.columns)
     labels, ids = None, None
     if role == "train":
@@ -146,7 +156,7 @@ def _parse_chunk(path, role, frame, first_line):
             raise InputError(f"{path}: {len(labels_named)} 'label' columns, expected one followed by {NUM_PIXELS} "
                              "pixel columns")
         pixel_columns = [c for c in columns if c != "label"]
-        labels = _integer_column(path, frame, "label", 0, NUM_CLASSES - 1, first_line)
+        labels = _integer_column(path, frame, "label", 0, NUM_CLASSES - 1, first_row)
     else:
         if "label" in columns:
             raise InputError(f"{path}: has a 'label' column; test images must be unlabelled "
@@ -158,21 +168,21 @@ def _parse_chunk(path, role, frame, first_line):
     if len(pixel_columns) != NUM_PIXELS:
         raise InputError(f"{path}: {len(pixel_columns)} pixel columns, expected {NUM_PIXELS} (28x28)")
 
-    pixels = _numeric(path, frame[pixel_columns], first_line)
+    pixels = _numeric(path, frame[pixel_columns], first_row)
     values = pixels.to_numpy()  # int64, or float64 where a column holds a decimal point or a huge number
     bad = (values < 0) | (values > 255)
     if values.dtype.kind == "f":
         bad |= values != np.floor(values)
     if bad.any():
         row, col = np.argwhere(bad)[0]
-        raise InputError(f"{path}: line {first_line + row}, column {pixel_columns[col]}: "
+        raise InputError(f"{path}: line {_line(path, first_row + row)}, column {pixel_columns[col]}: "
                          f"value {values[row, col]:g} is not an integer in 0-255")
     return values.astype(np.uint8), labels, ids
 
 
-def _numeric(path, frame, first_line):
+def _numeric(path, frame, first_row):
     """The frame with every column numeric, or an InputError naming the first empty or non-numeric cell; the
-    frame's first row is on line first_line of the file."""
+    frame's first row is data row first_row of the file."""
     for column in frame.select_dtypes(exclude="integer").columns:  # an integer column has no empty cell
         series = frame[column]
         if pd.api.types.is_numeric_dtype(series) and not series.isna().any():
@@ -184,17 +194,18 @@ def _numeric(path, frame, first_line):
             continue
         cell = series.iloc[missing[0]]
         if pd.isna(cell) or str(cell).strip() == "":
-            raise InputError(f"{path}: line {first_line + missing[0]}, column {column}: empty cell")
-        raise InputError(f"{path}: line {first_line + missing[0]}, column {column}: {str(cell)!r} is not a number")
+            raise InputError(f"{path}: line {_line(path, first_row + missing[0])}, column {column}: empty cell")
+        raise InputError(f"{path}: line {_line(path, first_row + missing[0])}, column {column}: {str(cell)!r} is not "
+                         "a number")
     return frame
 
 
-def _integer_column(path, frame, column, low, high, first_line):
-    values = _numeric(path, frame[[column]], first_line)[column].to_numpy(dtype=np.float64)
+def _integer_column(path, frame, column, low, high, first_row):
+    values = _numeric(path, frame[[column]], first_row)[column].to_numpy(dtype=np.float64)
     bad = (values < low) | (values > high) | (values != np.floor(values))
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
-        raise InputError(f"{path}: line {first_line + row}, column {column}: "
+        raise InputError(f"{path}: line {_line(path, first_row + row)}, column {column}: "
                          f"value {values[row]:g} is not an integer in {low}-{high}")
     return values.astype(np.int64)
 

@@ -1299,6 +1299,11 @@ def test_csv_is_read_in_chunks_with_the_right_line_numbers(tmp_path):
     frame.to_csv(tmp_path / "test.csv", index=False)
     with pytest.raises(dr.InputError, match="line 19, column pixel3: value 300"):
         dr.read_digits_csv(str(tmp_path / "test.csv"), "test", chunk_rows=7)
+    # Blank lines, which pandas skips, before the header and in the rows of two chunks: the line is the file's.
+    lines = (tmp_path / "test.csv").read_text().splitlines(keepends=True)
+    (tmp_path / "test.csv").write_text("".join(["\n", *lines[:4], "\n", *lines[4:12], "  \r\n", *lines[12:]]))
+    with pytest.raises(dr.InputError, match="line 22, column pixel3: value 300"):
+        dr.read_digits_csv(str(tmp_path / "test.csv"), "test", chunk_rows=7)
     frame.loc[17, "pixel3"] = 3
     frame.to_csv(tmp_path / "test.csv", index=False)
     pixels, _, _ = dr.read_digits_csv(str(tmp_path / "test.csv"), "test", chunk_rows=7)
