@@ -124,13 +124,13 @@ def read_digits_csv(path, role, chunk_rows=10_000):
     return (np.concatenate(pixels), np.concatenate(labels) if role == "train" else None, id_column)
 
 
-def _line(path, row):
-    """The line of the file (from 1) that holds data row `row` (from 0). pandas skips blank lines, so it is counted
-    here, when a message needs it, rather than taken to be row + 2."""
+def _cell(path, row, column):
+    """'path: line 7, column pixel3' for data row `row` (from 0). pandas skips blank lines, so the line is counted in
+    the file here, when a message needs it, rather than taken to be row + 2."""
     with open(path, "rb") as f:
         data_lines = (number for number, line in enumerate(f, 1) if line.strip())
         next(data_lines, None)  # the header
-        return next(itertools.islice(data_lines, row, None), row + 2)
+        return f"{path}: line {next(itertools.islice(data_lines, row, None), row + 2)}, column {column}"
 
 
 def _first_undecodable(path):
@@ -175,8 +175,8 @@ def _parse_chunk(path, role, frame, first_row):
         bad |= values != np.floor(values)
     if bad.any():
         row, col = np.argwhere(bad)[0]
-        raise InputError(f"{path}: line {_line(path, first_row + row)}, column {pixel_columns[col]}: "
-                         f"value {values[row, col]:g} is not an integer in 0-255")
+        raise InputError(f"{_cell(path, first_row + row, pixel_columns[col])}: value {values[row, col]:g} is not an "
+                         "integer in 0-255")
     return values.astype(np.uint8), labels, ids
 
 
@@ -194,9 +194,8 @@ def _numeric(path, frame, first_row):
             continue
         cell = series.iloc[missing[0]]
         if pd.isna(cell) or str(cell).strip() == "":
-            raise InputError(f"{path}: line {_line(path, first_row + missing[0])}, column {column}: empty cell")
-        raise InputError(f"{path}: line {_line(path, first_row + missing[0])}, column {column}: {str(cell)!r} is not "
-                         "a number")
+            raise InputError(f"{_cell(path, first_row + missing[0], column)}: empty cell")
+        raise InputError(f"{_cell(path, first_row + missing[0], column)}: {str(cell)!r} is not a number")
     return frame
 
 
@@ -205,8 +204,8 @@ def _integer_column(path, frame, column, low, high, first_row):
     bad = (values < low) | (values > high) | (values != np.floor(values))
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
-        raise InputError(f"{path}: line {_line(path, first_row + row)}, column {column}: "
-                         f"value {values[row]:g} is not an integer in {low}-{high}")
+        raise InputError(f"{_cell(path, first_row + row, column)}: value {values[row]:g} is not an integer in "
+                         f"{low}-{high}")
     return values.astype(np.int64)
 
 
