@@ -45,7 +45,8 @@ from sklearn.model_selection import StratifiedKFold
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 KAGGLE_INPUT = "/kaggle/input"  # where Kaggle mounts a kernel's data
-KAGGLE_DATA = "/kaggle/input/digit-recognizer"
+# The competition's folder under it: where 2026 kernels mount it, then where older ones did.
+KAGGLE_COMPETITION = ("competitions/digit-recognizer", "digit-recognizer")
 IMAGE_SIZE = 28
 NUM_PIXELS = IMAGE_SIZE * IMAGE_SIZE
 NUM_CLASSES = 10
@@ -1182,18 +1183,28 @@ def find_digits(photo):
 def read_photo(path):
     """An image file -> (H, W) grayscale float32 in [0, 1], upright, its longer side READ_SIZE pixels."""
     from PIL import Image, ImageOps, UnidentifiedImageError
+    if os.path.isdir(path):
+        raise InputError(f"{path}: a directory, not an image file")
     if not os.path.isfile(path):
         raise InputError(f"{path}: file not found")
     try:
         with Image.open(path) as picture:
-            picture = ImageOps.exif_transpose(picture).convert("L")  # phones store the rotation apart from the pixels
+            picture = ImageOps.exif_transpose(picture)  # phones store the rotation apart from the pixels
+            deep = picture.mode.startswith("I")  # 16-bit grayscale: "L" would clip every level above 255 to white
+            transparent = "A" in picture.getbands() or "transparency" in picture.info
+            picture = picture.convert("F" if deep else "RGBA" if transparent else "L")
             scale = READ_SIZE / max(picture.size)
             size = (max(1, round(picture.width * scale)), max(1, round(picture.height * scale)))
             picture = picture.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0 if scale < 1 else None)
-            return np.asarray(picture, dtype=np.float32) / 255
+            photo = np.asarray(picture, dtype=np.float32) / (65535 if deep else 255)
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         reason = "not an image file" if isinstance(e, UnidentifiedImageError) else str(e) or type(e).__name__
         raise InputError(f"{path}: cannot read image ({reason})") from None
+    if photo.ndim == 3:  # a drawing app's ink on a transparent ground: lay it on a ground it stands out from
+        gray, alpha = photo[..., :3] @ np.float32([0.299, 0.587, 0.114]), photo[..., 3]
+        ink_is_dark = (gray * alpha).sum() < 0.5 * alpha.sum()
+        photo = gray * alpha + float(ink_is_dark) * (1 - alpha)
+    return photo
 
 
 def read_digits(path):
@@ -1303,8 +1314,9 @@ def resolve_data_dir(cfg):
         if not os.path.isdir(cfg.data):
             raise InputError(f"{cfg.data}: data directory not found (--data)")
         return cfg.data
-    if os.path.isdir(KAGGLE_DATA):
-        return KAGGLE_DATA
+    for folder in (os.path.join(KAGGLE_INPUT, name) for name in KAGGLE_COMPETITION):
+        if os.path.isdir(folder):
+            return folder
     found = find_kaggle_data()
     if len(found) == 1:
         print(f"data: {found[0]} (the only folder under {KAGGLE_INPUT} with train.csv and test.csv)", flush=True)
@@ -1312,8 +1324,8 @@ def resolve_data_dir(cfg):
     if found:
         raise InputError(f"no --data given and {len(found)} folders under {KAGGLE_INPUT} hold train.csv and "
                          f"test.csv ({', '.join(found)}): pass --data with the one to use")
-    raise InputError(f"no --data given and {KAGGLE_DATA} does not exist: pass --data DIR (holding train.csv and "
-                     "test.csv), or try --demo")
+    raise InputError(f"no --data given and no folder under {KAGGLE_INPUT} holds train.csv and test.csv: pass --data "
+                     "DIR (holding them), or try --demo")
 
 
 @dataclass
@@ -1672,8 +1684,8 @@ def parse_args(argv=None):
     parser = ArgumentParser(description="Kaggle Digit Recognizer: a 10-model CNN ensemble in one file.",
                             formatter_class=HelpFormatter)
     io = parser.add_argument_group("data and outputs")
-    io.add_argument("--data", default=None, help=f"directory with train.csv and test.csv (default: {KAGGLE_DATA} "
-                                                 "when it exists)")
+    io.add_argument("--data", default=None, help="directory with train.csv and test.csv (default: the "
+                                                 "competition's folder under /kaggle/input when it exists)")
     io.add_argument("--out", default=None, help="output directory (default: the current directory; "
                                                 "./demo_run with --demo)")
     io.add_argument("--limit", type=int, default=None, help="use only the first N rows of train.csv")

@@ -580,18 +580,36 @@ def test_a_checkpoint_that_would_run_code_when_unpickled_is_refused(name, comman
     assert f"{checkpoints / name}: {expected}" in err
 
 
-def test_kaggle_default_path_and_notebook_arguments(small_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(dr, "KAGGLE_DATA", str(small_dir))
+def copy_data(source, folder, test_rows=None):
+    """train.csv and test.csv of source in a new folder; test.csv cut to its first test_rows rows if given."""
+    folder.mkdir(parents=True)
+    (folder / "train.csv").write_bytes((source / "train.csv").read_bytes())
+    pd.read_csv(source / "test.csv").head(test_rows).to_csv(folder / "test.csv", index=False)
+    return folder
+
+
+@pytest.mark.parametrize("competition", ["competitions/digit-recognizer", "digit-recognizer"])  # 2026's, older
+def test_with_no_data_the_competition_folder_comes_before_any_other(competition, small_dir, tmp_path, monkeypatch):
+    folder = copy_data(small_dir, tmp_path / "input" / competition)
+    copy_data(small_dir, tmp_path / "input" / "datasets" / "someone" / "mnist-in-csv")  # a dataset beside it
+    monkeypatch.setattr(dr, "KAGGLE_INPUT", str(tmp_path / "input"))
+    assert dr.resolve_data_dir(dr.Config()) == str(folder)
+
+
+def test_a_script_kernel_trains_on_the_competition_and_ignores_notebook_arguments(small_dir, tmp_path, monkeypatch,
+                                                                                  capsys):
+    copy_data(small_dir, tmp_path / "input" / "competitions" / "digit-recognizer")
+    copy_data(small_dir, tmp_path / "input" / "datasets" / "someone" / "mnist-in-csv", test_rows=30)
+    monkeypatch.setattr(dr, "KAGGLE_INPUT", str(tmp_path / "input"))
     monkeypatch.chdir(tmp_path)  # the default --out is the working directory, as /kaggle/working is on Kaggle
     assert dr.main(["-f", "/root/.local/share/jupyter/runtime/kernel-1.json", "--epochs", "1", "--folds", "2",
-                    "--archs", "wide", "--device", "cpu"]) == 0
+                    "--archs", "wide", "--device", "cpu", "--no-tta"]) == 0
     assert "ignoring unknown arguments: -f" in capsys.readouterr().err
-    assert len(pd.read_csv(tmp_path / "submission.csv")) == 40
+    assert len(pd.read_csv(tmp_path / "submission.csv")) == 40  # the competition's test.csv, not the dataset's
 
 
 def test_no_data_and_no_kaggle_directory_says_what_to_do(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(dr, "KAGGLE_INPUT", str(tmp_path / "nowhere"))
-    monkeypatch.setattr(dr, "KAGGLE_DATA", str(tmp_path / "nowhere" / "digit-recognizer"))
     assert dr.main(["--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--data" in err and "--demo" in err
@@ -612,7 +630,6 @@ def test_with_no_data_the_one_folder_under_kaggle_input_is_used(small_dir, tmp_p
     data = kannada_like(small_dir, kaggle_input / "kannada-mnist")
     (kaggle_input / "some-dataset" / "images").mkdir(parents=True)  # folders without the CSVs do not count
     monkeypatch.setattr(dr, "KAGGLE_INPUT", str(kaggle_input))
-    monkeypatch.setattr(dr, "KAGGLE_DATA", str(kaggle_input / "digit-recognizer"))
     monkeypatch.chdir(tmp_path)
     assert dr.main(["--epochs", "1", "--folds", "2", "--archs", "wide", "--batch-size", "32", "--device", "cpu"]) == 0
     assert capsys.readouterr().out.splitlines()[0].startswith(f"data: {data} ")
@@ -625,7 +642,6 @@ def test_with_no_data_several_candidate_folders_exit_2_listing_them(small_dir, t
     first = kannada_like(small_dir, kaggle_input / "kannada-mnist")
     second = kannada_like(small_dir, kaggle_input / "my-copy" / "data" / "v2")  # three levels down
     monkeypatch.setattr(dr, "KAGGLE_INPUT", str(kaggle_input))
-    monkeypatch.setattr(dr, "KAGGLE_DATA", str(kaggle_input / "digit-recognizer"))
     assert dr.main(["--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"({first}, {second})" in err and "--data" in err
@@ -949,6 +965,34 @@ def test_a_tiny_photo_is_read_too(mnist_test_digits, tmp_path):
     assert len(digits) == 1 and correlation(digits[0][1], dr.to_mnist_frame(frames[0])) > 0.6
 
 
+def drawing(frame, kind):
+    """A digit as a drawing app or a scanner saves it, and as an ordinary 8-bit grayscale image shows the same page:
+    ink alone on a transparent ground (RGBA), or a 16-bit grayscale scan of dark ink on paper. Two PIL images."""
+    from PIL import Image
+    from scipy import ndimage
+    ink = np.zeros((300, 260))
+    ink[40:264, 20:244] = ndimage.zoom(np.asarray(frame, dtype=np.float64), 8, order=1).clip(0, 1)
+    if kind == "16-bit grayscale":
+        page = 1 - 0.8 * ink
+        return Image.fromarray((page * 65535).round().astype(np.uint16)), Image.fromarray((page * 255).astype(np.uint8))
+    colour = {"black ink on transparent": 0, "white ink on transparent": 255}[kind]
+    rgba = np.dstack([np.full(ink.shape, colour)] * 3 + [ink * 255]).round().astype(np.uint8)
+    shown = ink if colour else 1 - ink  # as a viewer shows it: on a ground the ink stands out from
+    return Image.fromarray(rgba), Image.fromarray((shown * 255).round().astype(np.uint8))
+
+
+@pytest.mark.parametrize("kind", ["black ink on transparent", "white ink on transparent", "16-bit grayscale"])
+def test_drawings_on_transparent_ground_and_16_bit_scans_are_read_like_any_image(kind, mnist_test_digits, tmp_path):
+    frames, _ = mnist_test_digits
+    for index in range(4):
+        special, ordinary = drawing(frames[index], kind)
+        assert special.mode == ("I;16" if "16" in kind else "RGBA") and ordinary.mode == "L"
+        special.save(tmp_path / "special.png")
+        ordinary.save(tmp_path / "ordinary.png")
+        read, expected = (dr.read_digits(str(tmp_path / name))[1] for name in ("special.png", "ordinary.png"))
+        assert len(read) == len(expected) == 1 and correlation(read[0][1], expected[0][1]) > 0.99
+
+
 @pytest.mark.parametrize("count", [3, 4, 5])
 def test_a_number_is_read_left_to_right_one_frame_per_digit(count, mnist_test_digits, tmp_path):
     frames, _ = mnist_test_digits
@@ -1008,11 +1052,11 @@ def test_blank_pages_and_non_images_are_reported_and_the_rest_still_read(phone_p
     out = tmp_path / "out"
     out.mkdir()
     (out / "checkpoints").symlink_to(smoke_run / "checkpoints")
-    assert dr.main(["--predict", str(blank), str(fake), str(paths[0]), "--out", str(out)]) == 2
+    assert dr.main(["--predict", str(blank), str(fake), str(tmp_path), str(paths[0]), "--out", str(out)]) == 2
     captured = capsys.readouterr()
     assert captured.err.splitlines() == [
         f"error: {blank}: no digit found (a blank page, or ink too faint to tell from the paper)",
-        f"error: {fake}: cannot read image (not an image file)"]
+        f"error: {fake}: cannot read image (not an image file)", f"error: {tmp_path}: a directory, not an image file"]
     assert captured.out.startswith(f"{paths[0]}: ") and (out / "predictions.png").exists()
 
 
