@@ -87,127 +87,70 @@ class InputError(Exception):
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# Data: Kaggle CSVs -> uint8 pixel arrays, validated cell by cell before any training starts
+# Data: Kaggle CSVs -> uint8 pixel arrays, every cell checked before any training starts
 
 
-def read_digits_csv(path, role, chunk_rows=10_000):
+def read_digits_csv(path, role):
     """Read a Kaggle-layout CSV. role 'train': label + 784 pixels; role 'test': 784 pixels, or an id column + 784.
-
-    Pixel columns are taken by position, whatever their names (pixel0.. or pixel1..). The file is parsed in chunks
-    of rows, so memory holds the uint8 pixels plus one chunk, however long the file.
-    Returns (pixels uint8 (N, 784), labels int64 (N,) or None, id column (name, values) or None).
-    """
+    Pixel columns are taken by position, whatever their names (pixel0.. or pixel1..).
+    Returns (pixels uint8 (N, 784), labels int64 (N,) or None, id column (name, values) or None)."""
     if not os.path.isfile(path):
         raise InputError(f"{path}: file not found")
-    pixels, labels, ids, first_row = [], [], [], 0
     try:
-        # na_filter off: a cell reading NA or NaN is named as written, not reported as an empty one.
-        for frame in pd.read_csv(path, chunksize=chunk_rows, na_filter=False):
-            if len(frame) == 0:
-                continue
-            frame.columns = [str(c).strip() for c in frame.columns]
-            chunk_pixels, chunk_labels, chunk_ids = _parse_chunk(path, role, frame, first_row)
-            pixels.append(chunk_pixels)
-            labels.append(chunk_labels)
-            ids.append(chunk_ids)
-            first_row += len(frame)
+        # The whole file at once: in chunks, pandas warns of a column's "mixed types" before our one line. No NA
+        # parsing, so that a cell reading NA is named as written; a byte that is not UTF-8 reads as U+FFFD.
+        frame = pd.read_csv(path, low_memory=False, na_filter=False, encoding_errors="replace")
     except pd.errors.EmptyDataError:
         raise InputError(f"{path}: file is empty") from None
-    except UnicodeDecodeError:  # pandas says where in its buffer, not where in the file
-        raise InputError(f"{path}: {_first_undecodable(path)} is not UTF-8 text") from None
     except (pd.errors.ParserError, ValueError) as e:
         raise InputError(f"{path}: not a readable CSV ({str(e).strip().splitlines()[-1]})") from None
-    if not pixels:
+    if len(frame) == 0:
         raise InputError(f"{path}: no data rows, only a header")
-    id_column = None
-    if ids[0] is not None:
-        id_column = (ids[0][0], np.concatenate([values for _, values in ids]))
-    return (np.concatenate(pixels), np.concatenate(labels) if role == "train" else None, id_column)
-
-
-def _cell(path, row, column):
-    """'path: line 7, column pixel3' for data row `row` (from 0). pandas skips blank lines, so the line is counted in
-    the file here, when a message needs it, rather than taken to be row + 2."""
-    with open(path, "rb") as f:
-        data_lines = (number for number, line in enumerate(f, 1) if line.strip())
-        next(data_lines, None)  # the header
-        return f"{path}: line {next(itertools.islice(data_lines, row, None), row + 2)}, column {column}"
-
-
-def _first_undecodable(path):
-    """'line 5, byte 0xe9': where the file at path first stops being UTF-8."""
-    with open(path, "rb") as f:
-        for number, line in enumerate(f, 1):
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError as e:
-                return f"line {number}, byte 0x{line[e.start]:02x}"
-    return "a byte"  # not reached: pandas decodes the same bytes
-
-
-def _parse_chunk(path, role, frame, first_row):
-    columns = list(frame.columns)
-    labels, ids = None, None
+    frame.columns = columns = [str(c).strip() for c in frame.columns]
+    labels, ids, pixel_columns = None, None, columns
     if role == "train":
         if "label" not in columns:
             raise InputError(f"{path}: no 'label' column (expected label followed by {NUM_PIXELS} pixel columns)")
-        # pandas renames a repeated name: label, label.1, ...
-        labels_named = [c for c in columns if c == "label" or c.startswith("label.") and c[6:].isdigit()]
-        if len(labels_named) > 1:
-            raise InputError(f"{path}: {len(labels_named)} 'label' columns, expected one followed by {NUM_PIXELS} "
+        repeated = [c for c in columns if c.startswith("label.") and c[6:].isdigit()]  # pandas' name for a repeat
+        if repeated:
+            raise InputError(f"{path}: {1 + len(repeated)} 'label' columns, expected one followed by {NUM_PIXELS} "
                              "pixel columns")
+        labels = _integers(path, frame[["label"]], NUM_CLASSES - 1)[:, 0].astype(np.int64)
         pixel_columns = [c for c in columns if c != "label"]
-        labels = _integer_column(path, frame, "label", 0, NUM_CLASSES - 1, first_row)
-    else:
-        if "label" in columns:
-            raise InputError(f"{path}: has a 'label' column; test images must be unlabelled "
-                             f"(expected {NUM_PIXELS} pixel columns, optionally after an id column)")
-        pixel_columns = columns
-        if len(columns) == NUM_PIXELS + 1 and not columns[0].lower().startswith("pixel"):
-            pixel_columns = columns[1:]  # Kannada-MNIST style: an id column first
-            ids = (columns[0], frame[columns[0]].to_numpy())
+    elif "label" in columns:
+        raise InputError(f"{path}: has a 'label' column; test images must be unlabelled "
+                         f"(expected {NUM_PIXELS} pixel columns, optionally after an id column)")
+    elif len(columns) == NUM_PIXELS + 1 and not columns[0].lower().startswith("pixel"):
+        pixel_columns = columns[1:]  # Kannada-MNIST style: an id column first
+        ids = (columns[0], frame[columns[0]].to_numpy())
     if len(pixel_columns) != NUM_PIXELS:
         raise InputError(f"{path}: {len(pixel_columns)} pixel columns, expected {NUM_PIXELS} (28x28)")
-
-    pixels = _numeric(path, frame[pixel_columns], first_row)
-    values = pixels.to_numpy()  # int64, or float64 where a column holds a decimal point or a huge number
-    bad = (values < 0) | (values > 255)
-    if values.dtype.kind == "f":
-        bad |= values != np.floor(values)
-    if bad.any():
-        row, col = np.argwhere(bad)[0]
-        raise InputError(f"{_cell(path, first_row + row, pixel_columns[col])}: value {values[row, col]:g} is not an "
-                         "integer in 0-255")
-    return values.astype(np.uint8), labels, ids
+    return _integers(path, frame[pixel_columns], 255).astype(np.uint8), labels, ids
 
 
-def _numeric(path, frame, first_row):
-    """The frame with every column numeric, or an InputError naming the first empty or non-numeric cell; the
-    frame's first row is data row first_row of the file."""
-    for column in frame.select_dtypes(exclude="integer").columns:  # an integer column has no empty cell
-        series = frame[column]
-        if pd.api.types.is_numeric_dtype(series) and not series.isna().any():
-            continue
-        numeric = pd.to_numeric(series, errors="coerce")
-        missing = np.flatnonzero(numeric.isna().to_numpy())
-        if len(missing) == 0:  # integers beyond int64, which pandas keeps as Python objects
-            frame = frame.assign(**{column: numeric.astype(np.float64)})
-            continue
-        cell = series.iloc[missing[0]]
-        if pd.isna(cell) or str(cell).strip() == "":
-            raise InputError(f"{_cell(path, first_row + missing[0], column)}: empty cell")
-        raise InputError(f"{_cell(path, first_row + missing[0], column)}: {str(cell)!r} is not a number")
-    return frame
-
-
-def _integer_column(path, frame, column, low, high, first_row):
-    values = _numeric(path, frame[[column]], first_row)[column].to_numpy(dtype=np.float64)
-    bad = (values < low) | (values > high) | (values != np.floor(values))
-    if bad.any():
-        row = int(np.flatnonzero(bad)[0])
-        raise InputError(f"{_cell(path, first_row + row, column)}: value {values[row]:g} is not an integer in "
-                         f"{low}-{high}")
-    return values.astype(np.int64)
+def _integers(path, frame, high):
+    """The frame's values as float64 (N, C), or an InputError naming the first cell, in the file's order, that is not
+    an integer in 0-high."""
+    text = frame.select_dtypes(exclude="integer").columns  # where a cell is not a number, or empty
+    values = frame.assign(**{c: pd.to_numeric(frame[c], errors="coerce") for c in text}).to_numpy(np.float64)
+    bad = np.isnan(values) | (values < 0) | (values > high) | (values != np.floor(values))
+    if not bad.any():
+        return values
+    row, col = np.argwhere(bad)[0]
+    cell = str(frame.iat[row, col])
+    if cell.strip() == "":
+        problem = "empty cell"
+    elif "\ufffd" in cell:
+        problem = "not UTF-8 text"
+    elif np.isnan(values[row, col]):
+        problem = f"{cell!r} is not a number"
+    else:
+        problem = f"value {values[row, col]:g} is not an integer in 0-{high}"
+    # pandas skips blank lines, so the cell's line is counted in the file, rather than taken to be row + 2.
+    with open(path, "rb") as f:
+        lines = (number for number, line in enumerate(f, 1) if line.strip())
+        line = next(itertools.islice(lines, row + 1, None))  # past the header
+    raise InputError(f"{path}: line {line}, column {frame.columns[col]}: {problem}")
 
 
 def submission_columns(data_dir, test_ids, n_test):

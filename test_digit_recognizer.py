@@ -749,7 +749,7 @@ def write_bad_case(directory, case):
     elif case == "not UTF-8":  # pandas names a position in its buffer: the message must name the file's line
         test["pixel1"] = test["pixel1"].astype(object)
         test.loc[2, "pixel1"] = "\xe9"
-        target, expected_text = "test", "line 4, byte 0xe9 is not UTF-8 text"
+        target, expected_text = "test", "line 4, column pixel1: not UTF-8 text"
     train.to_csv(directory / "train.csv", index=False)
     test.to_csv(directory / "test.csv", index=False, encoding="latin-1")
     if case == "empty file":
@@ -1489,22 +1489,51 @@ def test_a_notebook_cell_trains_in_one_process(small_dir, tmp_path, capsys, monk
     assert (tmp_path / "submission.csv").exists()
 
 
-def test_csv_is_read_in_chunks_with_the_right_line_numbers(tmp_path):
+def test_csv_errors_name_the_files_own_line_past_blank_lines(tmp_path):
     rng = np.random.default_rng(0)
     frame = pd.DataFrame(rng.integers(0, 256, (25, 784)), columns=[f"pixel{i}" for i in range(784)])
     frame.loc[17, "pixel3"] = 300
     frame.to_csv(tmp_path / "test.csv", index=False)
     with pytest.raises(dr.InputError, match="line 19, column pixel3: value 300"):
-        dr.read_digits_csv(str(tmp_path / "test.csv"), "test", chunk_rows=7)
-    # Blank lines, which pandas skips, before the header and in the rows of two chunks: the line is the file's.
+        dr.read_digits_csv(str(tmp_path / "test.csv"), "test")
+    # Blank lines, which pandas skips, before the header and among the rows: the line is the file's.
     lines = (tmp_path / "test.csv").read_text().splitlines(keepends=True)
     (tmp_path / "test.csv").write_text("".join(["\n", *lines[:4], "\n", *lines[4:12], "  \r\n", *lines[12:]]))
     with pytest.raises(dr.InputError, match="line 22, column pixel3: value 300"):
-        dr.read_digits_csv(str(tmp_path / "test.csv"), "test", chunk_rows=7)
+        dr.read_digits_csv(str(tmp_path / "test.csv"), "test")
     frame.loc[17, "pixel3"] = 3
     frame.to_csv(tmp_path / "test.csv", index=False)
-    pixels, _, _ = dr.read_digits_csv(str(tmp_path / "test.csv"), "test", chunk_rows=7)
+    pixels, _, _ = dr.read_digits_csv(str(tmp_path / "test.csv"), "test")
     assert np.array_equal(pixels, frame.to_numpy())
+
+
+def kaggle_sized_csv(path, rows, label=False):
+    """A train.csv (42,000 rows) or test.csv (28,000) of Kaggle's size and layout, fast: every row alike."""
+    header = ",".join((["label"] if label else []) + [f"pixel{i}" for i in range(784)])
+    row = ",".join((["3"] if label else []) + ["0"] * 300 + ["128"] * 184 + ["0"] * 300)
+    path.write_text(header + "\n" + (row + "\n") * rows)
+
+
+@pytest.mark.parametrize("fault", ["test.csv cut short", "a damaged cell far down train.csv"])
+def test_a_fault_in_kaggle_sized_files_is_one_line(fault, tmp_path):
+    """In chunks, pandas warned of a column's "mixed types" (two lines, or for a cut file 5,000 characters of column
+    names) before the script's own line."""
+    cut = fault == "test.csv cut short"
+    kaggle_sized_csv(tmp_path / "train.csv", 100 if cut else 42_000, label=True)  # only the faulty file at full size
+    kaggle_sized_csv(tmp_path / "test.csv", 28_000)
+    if cut:  # an interrupted download: the last row stops after its 300th cell
+        text = (tmp_path / "test.csv").read_bytes()
+        last_row = text.rstrip(b"\n").rsplit(b"\n", 1)[1]
+        (tmp_path / "test.csv").write_bytes(text[:len(text) - len(last_row) - 1 + len("0,") * 300])
+        expected = f"{tmp_path / 'test.csv'}: line 28001, column pixel300: empty cell"
+    else:
+        lines = (tmp_path / "train.csv").read_text().splitlines(keepends=True)
+        lines[41_990] = lines[41_990].replace(",128,", ",12O,", 1)
+        (tmp_path / "train.csv").write_text("".join(lines))
+        expected = f"{tmp_path / 'train.csv'}: line 41991, column pixel300: '12O' is not a number"
+    result = run_script(["--data", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert result.returncode == 2 and result.stderr == f"error: {expected}\n" and result.stdout == ""
+    assert not (tmp_path / "out").exists()
 
 
 # -----------------------------------------------------------------------------------------------------------------
