@@ -23,12 +23,12 @@ import hashlib
 import io
 import itertools
 import json
+import logging
 import math
 import os
 import platform
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -1329,9 +1329,6 @@ def training_jobs(cfg):
     return [] if cfg.predict_only else [(arch, fold) for arch in cfg.archs for fold in folds]
 
 
-LAUNCHER = "DIGIT_RECOGNIZER_LAUNCHER"  # the launching process's pid, in the environment of those it starts
-
-
 def processes_for(cfg):
     """How many processes to spread the training jobs over: --processes, or one per GPU when this machine has
     several (Kaggle's "T4 x2"), never more than there are jobs. One under torchrun, which started them."""
@@ -1341,12 +1338,11 @@ def processes_for(cfg):
     return max(1, min(cfg.processes or gpus, len(training_jobs(cfg))))
 
 
-def launch(cfg, processes, argv):
-    """Run this same command as several processes, as torchrun would start them (README: Long runs), and wait for
-    them. The inputs are checked here first, so that bad input is one line and not one per process. When one
-    process fails, the others are stopped too (each saves its state), as they would wait for it forever."""
-    script = globals().get("__file__")
-    if script is None:  # pasted into a notebook cell: no file to start again
+def launch(cfg, processes):
+    """Train in several processes, each this command with torchrun's environment, and wait for them. The inputs are
+    checked here first, so that bad input is one line and not one per process. torch.multiprocessing stops the
+    others when one fails, and has each ask Linux for SIGINT when this process dies, so none trains on unseen."""
+    if globals().get("__file__") is None:  # pasted into a notebook cell: no file for the processes to import
         print(f"{processes} processes wanted, but a notebook cell cannot start them: one process trains every job "
               "(to spread them, save the cell as a file and run that: see the README's Long runs)", flush=True)
         run(cfg)
@@ -1355,46 +1351,42 @@ def launch(cfg, processes, argv):
     recipe = check_inputs(cfg, torch.device("cpu"))[1]  # the data itself is the processes' to hold, not ours
     if not cfg.fresh:
         check_saved_recipes(cfg, recipe)
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     with socket.socket() as probe:  # a free port for the processes to meet on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    env = {"OMP_NUM_THREADS": str(max(1, cpus // processes)), **os.environ,  # the cores, shared among them
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(processes),
-           "LOCAL_WORLD_SIZE": str(processes), LAUNCHER: str(os.getpid())}
-    print(f"spreading the jobs over {processes} processes (this command with RANK 0-{processes - 1} of WORLD_SIZE "
-          f"{processes})", flush=True)
-    workers = [subprocess.Popen([sys.executable, os.path.abspath(script), *argv],
-                                env={**env, "RANK": str(k), "LOCAL_RANK": str(k)}) for k in range(processes)]
+    print(f"spreading the jobs over {processes} processes", flush=True)
+    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)  # no "Terminating process" lines
+    context = torch.multiprocessing.start_processes(train_process, (cfg, processes, port), processes, join=False)
     try:
-        while True:
-            codes = [worker.poll() for worker in workers]
-            failed = next((code for code in codes if code not in (None, 0)), None)
-            if failed is not None or all(code == 0 for code in codes):
-                break
-            time.sleep(0.2)
-    except KeyboardInterrupt:  # Ctrl-C (which reached the processes too) or SIGTERM
-        failed = 130
-    for worker in workers:
-        if worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)  # each saves its state and says how to continue
-    for worker in workers:
-        worker.wait()
-    if failed is not None and failed < 0:  # killed by signal k: 128 + k, as a shell reports it
-        failed = 128 - failed
-    return failed or 0
+        while not context.join():
+            pass
+    except KeyboardInterrupt:  # Ctrl-C (which reached the processes too) or SIGTERM: each saves its state
+        for process in context.processes:
+            process.terminate()
+        for process in context.processes:
+            process.join()
+        raise
+    except torch.multiprocessing.ProcessExitedException as e:
+        if e.exit_code == 130:  # a process was interrupted, and the others stopped with it
+            raise KeyboardInterrupt from None
+        return 128 - e.exit_code if e.exit_code < 0 else e.exit_code  # killed by signal k: 128 + k, as shells say
+    return 0
 
 
-def follow_launcher():
-    """A process started by launch() stops as on SIGTERM (saving its state) when the launching process dies, even
-    by SIGKILL: a rerun must not find it still training the same jobs. Linux's PR_SET_PDEATHSIG; elsewhere a no-op."""
-    launcher = os.environ.get(LAUNCHER)
-    if launcher is None or not sys.platform.startswith("linux"):
-        return
-    import ctypes
-    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
-    if os.getppid() != int(launcher):  # it died before we asked
-        os.kill(os.getpid(), signal.SIGTERM)
+def train_process(rank, cfg, world, port):
+    """Process `rank` of launch()'s: run() with torchrun's environment, exiting as main() would."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if "OMP_NUM_THREADS" not in os.environ:  # the cores, shared among the processes
+        torch.set_num_threads(max(1, torch.get_num_threads() // world))
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        run(cfg)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
 
 
 def start_distributed():
@@ -1402,7 +1394,6 @@ def start_distributed():
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, 0
-    follow_launcher()
     import datetime
     import torch.distributed as dist
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -1735,13 +1726,13 @@ def main(argv=None):
             return predict_files(cfg)
         processes = processes_for(cfg)
         if processes > 1:
-            return launch(cfg, processes, sys.argv[1:] if argv is None else list(argv))
+            return launch(cfg, processes)
         run(cfg)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        if os.environ.get("RANK", "0") == "0":  # one line for all the processes
+        if os.environ.get("RANK", "0") == "0":  # one line for all torchrun's processes
             print("interrupted: every job saves its state after each epoch; run the same command again to "
                   "continue (add --fresh to start over)", file=sys.stderr)
         return 130

@@ -1385,16 +1385,14 @@ def test_predict_only_without_checkpoints_exits_2(small_dir, tmp_path, capsys):
     assert err.count("\n") == 1 and "no finished checkpoints" in err
 
 
-def test_two_cpu_processes_equal_one_process(small_dir, tmp_path):
-    """--processes 2 starts the same command twice, as torchrun would: the outputs of one process."""
-    one_thread = {"OMP_NUM_THREADS": "1"}  # the same threads per process in both runs, so the same bytes
-    single = run_script(long_run_args(small_dir, tmp_path / "single"), env=one_thread)
-    assert single.returncode == 0, single.stderr
-    double = run_script(long_run_args(small_dir, tmp_path / "double", "--processes", "2"), env=one_thread)
+def test_two_cpu_processes_equal_one_process(small_dir, tmp_path, uninterrupted):
+    """--processes 2 trains each job in a process of its own: the outputs of one process with as many threads."""
+    threads = {"OMP_NUM_THREADS": str(torch.get_num_threads())}  # what the one process of `uninterrupted` had
+    double = run_script(long_run_args(small_dir, tmp_path, "--processes", "2"), env=threads)
     assert double.returncode == 0, double.stderr
-    assert "spreading the jobs over 2 processes (this command with RANK 0-1 of WORLD_SIZE 2)" in double.stdout
+    assert double.stdout.startswith("spreading the jobs over 2 processes\n")
     assert "[rank 0] wide   fold 1/2" in double.stdout and "[rank 1] wide   fold 2/2" in double.stdout
-    assert output_bytes(tmp_path / "double") == output_bytes(tmp_path / "single")
+    assert output_bytes(tmp_path) == uninterrupted
 
 
 @pytest.mark.parametrize("argv,env,gpus,processes", [
@@ -1418,72 +1416,89 @@ def test_several_processes_check_the_inputs_once_before_starting(tmp_path, capsy
     data, out = tmp_path / "data", tmp_path / "out"
     data.mkdir()
     expected = write_bad_case(data, "label outside 0-9")
-    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail("started processes for bad input"))
+    monkeypatch.setattr(torch.multiprocessing, "start_processes", lambda *a, **k: pytest.fail("started processes"))
     assert dr.main(tiny_args(data, out, "--processes", "2")) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {expected}") and err.count("\n") == 1
 
 
-def proc_stat(pid):
-    """(state, parent pid) of a process from Linux's /proc, or None once it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()
-    except OSError:
-        return None
-    return fields[0], int(fields[1])
+def children(pid):
+    """The pids of the processes whose parent is pid (Linux's /proc)."""
+    found = []
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                if int(f.read().rpartition(")")[2].split()[1]) == pid:
+                    found.append(int(name))
+        except OSError:
+            pass  # gone meanwhile
+    return found
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
-def test_processes_stop_and_save_when_their_launcher_is_killed(small_dir, tmp_path):
-    args = lambda data, out: long_run_args(data, out, "--processes", "2")
-    launcher, state = start_until_first_epoch_saved(small_dir, tmp_path, args, stderr=subprocess.DEVNULL)
-    pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
-    workers = [pid for pid in pids if (proc_stat(pid) or (None, None))[1] == launcher.pid]
-    assert len(workers) == 2
-    launcher.send_signal(signal.SIGKILL)
-    launcher.wait()
-    running = lambda: [pid for pid in workers if (proc_stat(pid) or ("Z",))[0] != "Z"]  # a zombie has ended
-    deadline = time.time() + 60
-    while running() and time.time() < deadline:
+def still_running(pids, seconds=60):
+    """Those of pids still running after up to `seconds` of waiting for them to end. A zombie has ended: it only waits
+    for its parent to collect it."""
+    def state(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rpartition(")")[2].split()[0]
+        except OSError:
+            return "gone"
+    deadline = time.time() + seconds
+    while any(state(pid) not in ("Z", "gone") for pid in pids) and time.time() < deadline:
         time.sleep(0.05)
-    assert not running() and not (tmp_path / "submission.csv").exists()
-    result = run_script(args(small_dir, tmp_path))
-    assert result.returncode == 0 and "resumes after epoch" in result.stdout, result.stderr
+    return [pid for pid in pids if state(pid) not in ("Z", "gone")]
 
 
-class FakeWorker:
-    """A process that exits with `code` on its `lives`-th poll, or when it gets SIGTERM (with 130)."""
-
-    def __init__(self, code, lives):
-        self.code, self.lives, self.signals = code, lives, []
-
-    def poll(self):
-        self.lives -= 1
-        return self.code if self.lives <= 0 else None
-
-    def send_signal(self, signum):
-        self.signals.append(signum)
-        self.code, self.lives = 130, 0
-
-    def wait(self):
-        return self.code
+def start_two_processes(data, out, epochs=3, **popen_options):
+    """A --processes 2 run in the background, returned once both jobs have saved an epoch, with its processes."""
+    args = long_run_args(data, out, "--processes", "2", "--epochs", str(epochs), "--patience", str(epochs))
+    command = subprocess.Popen([sys.executable, SCRIPT, *args], stdout=subprocess.DEVNULL, **popen_options)
+    states = [out / "checkpoints" / f"wide_fold{fold}.state.pt" for fold in (0, 1)]
+    deadline = time.time() + 120
+    while not all(state.exists() for state in states) and command.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    return command, children(command.pid), states
 
 
-@pytest.mark.parametrize("code,exit_code", [(2, 2), (-signal.SIGKILL, 128 + signal.SIGKILL)])
-def test_when_one_process_fails_the_others_are_stopped(code, exit_code, small_dir, tmp_path, monkeypatch):
-    workers = [FakeWorker(None, 10**9), FakeWorker(code, 3)]  # rank 1 fails; rank 0 would wait for it forever
-    started = []
-    monkeypatch.setattr(subprocess, "Popen", lambda command, env: started.append(env) or workers[len(started) - 1])
-    assert dr.main(tiny_args(small_dir, tmp_path, "--processes", "2")) == exit_code
-    assert workers[0].signals == [signal.SIGTERM] and workers[1].signals == []
-    assert [env["RANK"] for env in started] == ["0", "1"] and all(env["WORLD_SIZE"] == "2" for env in started)
-    assert started[0]["MASTER_PORT"] == started[1]["MASTER_PORT"]
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's /proc and PR_SET_PDEATHSIG")
+def test_a_sigkill_to_the_command_leaves_none_of_its_processes_running(small_dir, tmp_path):
+    command, processes, states = start_two_processes(small_dir, tmp_path, stderr=subprocess.DEVNULL)
+    assert len(still_running(processes, seconds=0)) >= 2  # the two that train (and multiprocessing's resource tracker)
+    command.send_signal(signal.SIGKILL)
+    command.wait()
+    assert not still_running(processes) and not (tmp_path / "submission.csv").exists()
+    assert all(torch.load(state, weights_only=True)["epoch"] >= 1 for state in states)  # whole, and continuable
+    assert not list((tmp_path / "checkpoints").glob("*.tmp*"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's /proc")
+def test_when_one_process_is_killed_the_other_stops_and_the_command_exits_128_plus_the_signal(small_dir, tmp_path):
+    command, processes, states = start_two_processes(small_dir, tmp_path, epochs=40, stderr=subprocess.PIPE, text=True)
+    trainers = [pid for pid in processes if "resource_tracker" not in open(f"/proc/{pid}/cmdline").read()]
+    assert len(trainers) == 2
+    os.kill(trainers[0], signal.SIGKILL)  # as the kernel's out-of-memory killer would
+    _, err = command.communicate(timeout=120)
+    assert command.returncode == 128 + signal.SIGKILL and "Traceback" not in err
+    assert not still_running(processes) and not list((tmp_path / "checkpoints").glob("wide_fold?.pt"))  # none finished
+    assert all(state.exists() for state in states)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's /proc")
+def test_sigterm_to_several_processes_saves_each_and_says_once_how_to_continue(small_dir, tmp_path):
+    command, processes, states = start_two_processes(small_dir, tmp_path, epochs=40, stderr=subprocess.PIPE, text=True)
+    command.send_signal(signal.SIGTERM)
+    _, err = command.communicate(timeout=120)
+    assert command.returncode == 130
+    assert err.splitlines() == ["interrupted: every job saves its state after each epoch; run the same command again "
+                                "to continue (add --fresh to start over)"]
+    assert not still_running(processes) and all(state.exists() for state in states)
+    assert not list((tmp_path / "checkpoints").glob("*.tmp*"))
 
 
 def test_a_notebook_cell_trains_in_one_process(small_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.delattr(dr, "__file__")  # code pasted into a cell has no file to start again
-    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail("started processes from a notebook"))
+    monkeypatch.setattr(torch.multiprocessing, "start_processes", lambda *a, **k: pytest.fail("started processes"))
     assert dr.main(tiny_args(small_dir, tmp_path, "--processes", "2", "--archs", "wide")) == 0
     assert "a notebook cell cannot start them: one process trains every job" in capsys.readouterr().out
     assert (tmp_path / "submission.csv").exists()
