@@ -50,36 +50,74 @@ KAGGLE_COMPETITION = ("competitions/digit-recognizer", "digit-recognizer")
 IMAGE_SIZE = 28
 NUM_PIXELS = IMAGE_SIZE * IMAGE_SIZE
 NUM_CLASSES = 10
-DEMO_EPOCHS, DEMO_FOLDS, DEMO_BATCH = 4, 2, 32  # --demo: a short schedule that shows it all on a laptop CPU
 
 # -----------------------------------------------------------------------------------------------------------------
-# Config
+# Config: each field is also a command-line option, with its help and its check next to its default
+
+
+def arch_list(text):
+    names = tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+    unknown = [name for name in names if name not in ARCHITECTURES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown architecture {unknown[0]!r} (choose from "
+                                         f"{', '.join(ARCHITECTURES)})" if unknown else "no architecture given")
+    return names
+
+
+def fold_list(text):
+    try:
+        return tuple(sorted({int(k) for k in text.split(",")}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected fold numbers like 0 or 0,3, got {text!r}") from None
+
+
+def option(default, help, valid=None, **argparse_options):
+    """A Config field and its --option. valid: (what a value must be, test), checked after parsing."""
+    return dataclasses.field(default=default, metadata=dict(help=help, valid=valid, argparse=argparse_options))
+
+
+AT_LEAST_1 = ("at least 1", lambda value: value >= 1)
 
 
 @dataclass
 class Config:
-    data: str | None = None  # directory holding train.csv and test.csv
-    out: str = "."  # where submission.csv, oof.csv, metrics.json and checkpoints/ go
-    epochs: int = 30
-    folds: int = 5
-    archs: tuple[str, ...] = ("resnet", "wide")
-    batch_size: int = 128  # 32 with --demo
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    label_smoothing: float = 0.1
-    patience: int = 10  # stop a job after this many epochs without a better validation accuracy
-    seed: int = 42
-    device: str = "auto"  # auto | cpu | cuda | mps
-    precision: str = "auto"  # auto | float32 | bfloat16 | float16: see autocast_dtype
-    tta: bool = True
-    limit: int | None = None  # use only the first N rows of train.csv
-    demo: bool = False
-    predict: tuple[str, ...] = ()  # image files to classify with the checkpoints in --out
-    fold: tuple[int, ...] = ()  # train only these folds (all when empty)
-    predict_only: bool = False  # build the outputs from the finished checkpoints in --out, no training
-    fresh: bool = False  # discard the saved state in --out first
-    processes: int | None = None  # processes to spread the jobs over; None: one per GPU when there are several
-    verbose: bool = False  # with --predict: also print the top 3
+    data: str | None = option(None, "directory with train.csv and test.csv (default: the competition's folder under "
+                                    "/kaggle/input, else the one folder there that holds both)", metavar="DIR")
+    out: str = option(".", "where submission.csv, oof.csv, metrics.json, the pictures and checkpoints/ go",
+                      metavar="DIR")
+    limit: int | None = option(None, "use only the first N rows of train.csv", AT_LEAST_1, type=int, metavar="N")
+    demo: bool = option(False, "no download: train and test on scikit-learn's bundled digits, with a short schedule")
+    archs: tuple[str, ...] = option(("resnet", "wide"), "comma list of resnet, wide", type=arch_list,
+                                    metavar="LIST")
+    folds: int = option(5, "stratified folds, i.e. models per architecture", ("at least 2", lambda k: k >= 2))
+    epochs: int = option(30, "training epochs per job", AT_LEAST_1)
+    batch_size: int = option(128, "training batch size", ("at least 2", lambda size: size >= 2))
+    lr: float = option(1e-3, "AdamW learning rate, cosine-annealed over the epochs", ("positive", lambda lr: lr > 0))
+    weight_decay: float = option(1e-4, "AdamW weight decay", ("not negative", lambda decay: decay >= 0))
+    label_smoothing: float = option(0.1, "cross-entropy label smoothing", ("in [0, 1)", lambda eps: 0 <= eps < 1))
+    patience: int = option(10, "stop a job after this many epochs without a better validation accuracy", AT_LEAST_1)
+    seed: int = option(42, "seeds the folds and every job's initialisation, shuffling and augmentation")
+    device: str = option("auto", "auto picks cuda, then mps, then cpu", choices=["auto", "cpu", "cuda", "mps"])
+    precision: str = option("auto", "auto: bfloat16 autocast on GPUs with bfloat16 units, on CPUs with AMX and on AMD "
+                                    "CPUs with AVX512-BF16; float16 with loss scaling on older GPUs; float32 elsewhere",
+                            choices=["auto", "float32", "bfloat16", "float16"])
+    tta: bool = option(True, "predict the plain images only, not the 4 test-time views", flags=["--no-tta"])
+    fold: tuple[int, ...] = option((), "train only these folds (numbered from 0, as in checkpoints/<arch>_fold<k>.pt)",
+                                   type=fold_list, metavar="K[,K...]")
+    predict_only: bool = option(False, "no training: build the outputs from the finished checkpoints in --out")
+    fresh: bool = option(False, "discard the checkpoints and saved training state in --out before starting")
+    processes: int | None = option(None, "spread the jobs over N processes; process k uses GPU k modulo their number "
+                                         "(default: one per GPU when there are several)", AT_LEAST_1, type=int,
+                                   metavar="N")
+    predict: tuple[str, ...] = option((), "read the digit, or the number written in one row, in each image with the "
+                                          "checkpoints in --out instead of training; draws predictions.png there",
+                                      nargs="+", metavar="IMAGE")
+    verbose: bool = option(False, "with --predict: also print the top 3 digits")
+
+
+DEMO = dict(out="demo_run", epochs=4, folds=2, batch_size=32)  # --demo: a schedule that shows it all on a laptop CPU
+OPTION_GROUPS = {"data": "data and outputs", "archs": "recipe", "device": "run", "fold": "long runs, several processes",
+                 "predict": "predict your own digits"}  # the first field of each group
 
 
 class InputError(Exception):
@@ -1608,108 +1646,37 @@ class ArgumentParser(argparse.ArgumentParser):
         raise InputError(message)
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):  # "(default: None)" would say nothing true
-        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
-
-
 def parse_args(argv=None):
-    defaults = Config()
-    parser = ArgumentParser(description="Kaggle Digit Recognizer: a 10-model CNN ensemble in one file.",
-                            formatter_class=HelpFormatter)
-    io = parser.add_argument_group("data and outputs")
-    io.add_argument("--data", default=None, help="directory with train.csv and test.csv (default: the "
-                                                 "competition's folder under /kaggle/input when it exists)")
-    io.add_argument("--out", default=None, help="output directory (default: the current directory; "
-                                                "./demo_run with --demo)")
-    io.add_argument("--limit", type=int, default=None, help="use only the first N rows of train.csv")
-    io.add_argument("--demo", action="store_true", help="no download: train and test on scikit-learn's bundled "
-                                                        "digits with a short schedule")
-    recipe = parser.add_argument_group("recipe")
-    recipe.add_argument("--archs", default=",".join(defaults.archs), help="comma list of " + ", ".join(ARCHITECTURES))
-    recipe.add_argument("--folds", type=int, default=None,
-                        help=f"stratified folds, i.e. models per architecture (default: {defaults.folds}; "
-                             f"{DEMO_FOLDS} with --demo)")
-    recipe.add_argument("--epochs", type=int, default=None,
-                        help=f"training epochs per job (default: {defaults.epochs}; {DEMO_EPOCHS} with --demo)")
-    recipe.add_argument("--batch-size", type=int, default=None,
-                        help=f"training batch size (default: {defaults.batch_size}; {DEMO_BATCH} with --demo)")
-    recipe.add_argument("--lr", type=float, default=defaults.lr, help="AdamW learning rate (cosine-annealed)")
-    recipe.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW weight decay")
-    recipe.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing,
-                        help="cross-entropy label smoothing")
-    recipe.add_argument("--patience", type=int, default=defaults.patience,
-                        help="stop a job after this many epochs without a better validation accuracy")
-    recipe.add_argument("--seed", type=int, default=defaults.seed,
-                        help="seeds the folds and every job's initialisation, shuffling and augmentation")
-    run_group = parser.add_argument_group("run")
-    run_group.add_argument("--device", default=defaults.device, choices=["auto", "cpu", "cuda", "mps"],
-                           help="auto picks cuda, then mps, then cpu")
-    run_group.add_argument("--precision", default=defaults.precision,
-                           choices=["auto", "float32", "bfloat16", "float16"],
-                           help="auto: bfloat16 autocast on GPUs with bfloat16 units, on CPUs with AMX and on AMD "
-                                "CPUs with AVX512-BF16; float16 with loss scaling on older GPUs; float32 elsewhere "
-                                "(mps always runs float32)")
-    run_group.add_argument("--no-tta", action="store_true", help="predict the plain images only")
-    long_runs = parser.add_argument_group("long runs, several processes")
-    long_runs.add_argument("--fold", default=None, metavar="K[,K...]",
-                           help="train only these folds (numbered from 0, as in checkpoints/<arch>_fold<k>.pt)")
-    long_runs.add_argument("--predict-only", action="store_true",
-                           help="no training: build the outputs from the finished checkpoints in --out")
-    long_runs.add_argument("--fresh", action="store_true",
-                           help="discard the checkpoints and saved training state in --out before starting")
-    long_runs.add_argument("--processes", type=int, default=None, metavar="N",
-                           help="spread the jobs over N processes, as torchrun would (on GPUs, process k uses GPU "
-                                "k modulo their number) (default: one per GPU when there are several, else 1)")
-    predict = parser.add_argument_group("predict your own digits")
-    predict.add_argument("--predict", nargs="+", metavar="IMAGE", default=None,
-                         help="read the digit, or the number written in one row, in each photo (PNG, JPEG, ...; "
-                              "any size, either polarity) with the checkpoints in --out, instead of training; "
-                              "writes predictions.png there")
-    predict.add_argument("--verbose", action="store_true", help="with --predict: also print the top 3 digits")
-
+    """The Config of a command line: its options are Config's fields, with --demo's shorter schedule."""
+    parser = ArgumentParser(description="Kaggle Digit Recognizer: a 10-model CNN ensemble in one file.")
+    for field in dataclasses.fields(Config):
+        group = parser.add_argument_group(OPTION_GROUPS[field.name]) if field.name in OPTION_GROUPS else group
+        options = dict(field.metadata["argparse"])
+        flags = options.pop("flags", [f"--{field.name.replace('_', '-')}"])
+        if isinstance(field.default, bool):
+            options["action"] = "store_false" if field.default else "store_true"
+        elif "type" not in options and "nargs" not in options and "choices" not in options:
+            options["type"] = str if field.default is None else type(field.default)
+            options.setdefault("metavar", "N" if options["type"] is int else None)
+        shown = ",".join(map(str, field.default)) if isinstance(field.default, tuple) else field.default
+        default = "" if shown in (None, False, True, "") else f" (default: {shown}" + (
+            f"; {DEMO[field.name]} with --demo)" if field.name in DEMO else ")")
+        group.add_argument(*flags, dest=field.name, default=argparse.SUPPRESS, help=field.metadata["help"] + default,
+                           **options)
     # Notebooks add arguments of their own (-f kernel.json): ignore what we do not know, but say so.
-    args, unknown = parser.parse_known_args(argv)
+    given, unknown = parser.parse_known_args(argv)
     if unknown:
         print(f"ignoring unknown arguments: {' '.join(unknown)}", file=sys.stderr)
-
-    if args.epochs is None:
-        args.epochs = DEMO_EPOCHS if args.demo else defaults.epochs
-    if args.folds is None:
-        args.folds = DEMO_FOLDS if args.demo else defaults.folds
-    if args.batch_size is None:
-        args.batch_size = DEMO_BATCH if args.demo else defaults.batch_size
-    archs = tuple(dict.fromkeys(a.strip() for a in args.archs.split(",") if a.strip()))
-    for arch in archs:
-        if arch not in ARCHITECTURES:
-            raise InputError(f"--archs: unknown architecture {arch!r} (choose from {', '.join(ARCHITECTURES)})")
-    if not archs:
-        raise InputError("--archs: no architecture given")
-    checks = [(args.epochs >= 1, "--epochs must be at least 1"), (args.folds >= 2, "--folds must be at least 2"),
-              (args.batch_size >= 2, "--batch-size must be at least 2"), (args.lr > 0, "--lr must be positive"),
-              (args.weight_decay >= 0, "--weight-decay must not be negative"),
-              (0 <= args.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
-              (args.patience >= 1, "--patience must be at least 1"),
-              (args.limit is None or args.limit >= 1, "--limit must be at least 1"),
-              (args.processes is None or args.processes >= 1, "--processes must be at least 1")]
-    for ok, message in checks:
-        if not ok:
-            raise InputError(message)
-    folds = ()
-    if args.fold is not None:
-        try:
-            folds = tuple(sorted({int(k) for k in args.fold.split(",")}))
-        except ValueError:
-            raise InputError(f"--fold: expected fold numbers like 0 or 0,3, got {args.fold!r}") from None
-        if not all(0 <= k < args.folds for k in folds):
-            raise InputError(f"--fold: folds are numbered 0 to {args.folds - 1} (--folds {args.folds})")
-
-    cfg = Config(data=args.data, out=args.out or ("demo_run" if args.demo else "."), epochs=args.epochs,
-                 folds=args.folds, archs=archs, batch_size=args.batch_size, lr=args.lr,
-                 weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, patience=args.patience,
-                 seed=args.seed, device=args.device, precision=args.precision, tta=not args.no_tta,
-                 limit=args.limit, demo=args.demo, predict=tuple(args.predict or ()), verbose=args.verbose, fold=folds,
-                 predict_only=args.predict_only, fresh=args.fresh, processes=args.processes)
+    given = vars(given)
+    cfg = Config(**{**(DEMO if given.get("demo") else {}), **given})
+    for field in dataclasses.fields(Config):
+        value, valid = getattr(cfg, field.name), field.metadata["valid"]
+        if valid is not None and value is not None and not valid[1](value):
+            raise InputError(f"--{field.name.replace('_', '-')} must be {valid[0]}")
+    if not all(0 <= k < cfg.folds for k in cfg.fold):
+        raise InputError(f"--fold: folds are numbered 0 to {cfg.folds - 1} (--folds {cfg.folds})")
+    if isinstance(cfg.predict, list):
+        cfg.predict = tuple(cfg.predict)
     return cfg
 
 

@@ -5,6 +5,7 @@ and are skipped without one.
     pytest test_digit_recognizer.py -k cuda     # on a machine with a CUDA GPU
 """
 import copy
+import dataclasses
 import errno
 import json
 import math
@@ -791,6 +792,23 @@ def test_bad_options_exit_2_with_one_line(args, expected, small_dir, tmp_path, c
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and expected in err
     assert not (tmp_path / "out" / "submission.csv").exists()
+
+
+def test_every_option_sets_its_config_field():
+    cfg = dr.parse_args(["--data", "d", "--out", "o", "--limit", "7", "--archs", "wide", "--folds", "3", "--epochs",
+                         "9", "--batch-size", "64", "--lr", "0.5", "--weight-decay", "0.25", "--label-smoothing", "0.2",
+                         "--patience", "4", "--seed", "5", "--device", "cpu", "--precision", "float16", "--no-tta",
+                         "--fold", "2,0", "--predict-only", "--fresh", "--processes", "3", "--verbose"])
+    assert cfg == dr.Config(data="d", out="o", limit=7, archs=("wide",), folds=3, epochs=9, batch_size=64, lr=0.5,
+                            weight_decay=0.25, label_smoothing=0.2, patience=4, seed=5, device="cpu",
+                            precision="float16", tta=False, fold=(0, 2), predict_only=True, fresh=True, processes=3,
+                            verbose=True)
+    unset = {field.name for field in dataclasses.fields(dr.Config) if getattr(cfg, field.name) == field.default}
+    assert unset == {"demo", "predict"}
+    assert dr.parse_args(["--predict", "a.png", "b.jpg"]).predict == ("a.png", "b.jpg")
+    demo = dr.parse_args(["--demo", "--epochs", "7"])
+    assert (demo.demo, demo.out, demo.epochs, demo.folds, demo.batch_size) == (True, "demo_run", 7, 2, 32)
+    assert dr.parse_args([]) == dr.Config()
 
 
 def test_unwritable_output_is_reported_before_training(small_dir, tmp_path, capsys):
