@@ -682,7 +682,6 @@ def train_job(cfg, arch, fold, data, device, progress, recipe):
     Every epoch ends by saving the whole training state atomically (weights, optimizer, scheduler, scaler, every
     random generator, best weights so far, patience), so a run killed at any point continues from its last completed
     epoch and ends with the same weights as a run never interrupted."""
-    job_start = time.perf_counter()
     train_idx, val_idx = data.folds[fold]
     train_images, train_labels = data.images[train_idx], data.labels[train_idx]
     val_images, val_labels = data.images[val_idx], data.labels[val_idx]
@@ -730,9 +729,8 @@ def train_job(cfg, arch, fold, data, device, progress, recipe):
     model.train()
     graph = capture_step(step, static_idx, model, optimizer, scaler, generator) if graphed else None
 
-    # Each epoch's state is copied to the host and written by a second thread while the next epoch trains: an H200
-    # trains an epoch in 0.5-0.9 s, and writing its 40-50 MB state takes 0.06-0.1 s (on our CPU).
-    saving, loop_start, epochs_seconds = None, time.perf_counter(), 0.0
+    # Each epoch's state is copied to the host and written by a second thread while the next epoch trains.
+    saving = None
     with ThreadPoolExecutor(max_workers=1) as saver:  # leaving waits for the last write, Ctrl-C included
         while job["epoch"] < cfg.epochs and job["stale"] < cfg.patience:
             job["epoch"] += 1
@@ -763,7 +761,6 @@ def train_job(cfg, arch, fold, data, device, progress, recipe):
                           val_acc=val_acc, lr=lr, seconds=seconds)
             job["history"].append(record)
             job["train_seconds"] += seconds
-            epochs_seconds += seconds
             state = host_copy({**job, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                                "rng": rng_states(generator, device), "recipe": recipe})
@@ -773,16 +770,12 @@ def train_job(cfg, arch, fold, data, device, progress, recipe):
             progress(arch, fold, record)
     if saving is not None:
         saving.result()
-    # This session's time outside the epochs: building the job, loading its saved state and capturing its graph;
-    # then the host snapshots of each epoch's state and the waits for their writes.
-    overhead = {"start": loop_start - job_start, "between_epochs": time.perf_counter() - loop_start - epochs_seconds}
     progress.job_done(job["epoch"])
 
     finished = {"model": job["best_state"], "arch": arch, "fold": fold, "epoch": job["best_epoch"],
                 "val_acc": job["best_acc"], "config": config_dict(cfg), "recipe": recipe, "finished": True,
                 "history": job["history"], "train_seconds": job["train_seconds"],
-                "images_trained": n_used * len(job["history"]), "precision": precision_name(amp_dtype),
-                "overhead_seconds": overhead}
+                "images_trained": n_used * len(job["history"]), "precision": precision_name(amp_dtype)}
     write_atomic(checkpoint_path(cfg.out, arch, fold), lambda tmp: torch_save(finished, tmp))
     os.remove(state_path)
 
@@ -1498,17 +1491,16 @@ class JobResult:
     train_seconds: float
     images_trained: int
     precision: str  # of its training: a job can be resumed or merged from another machine
-    overhead_seconds: dict  # outside the epochs, in the session that finished it: start, between_epochs
     val_probs: torch.Tensor  # (n_val, 10) with the TTA views, from the best weights
-    oof_predict_seconds: float
-    test_predict_seconds: float
 
 
 def predict_jobs(cfg, data, device):
-    """Every finished checkpoint predicts its fold's validation rows and the test set. Returns the job results and
-    the ensemble's test probabilities (N, 10), summed as they come so memory does not grow with the models."""
+    """Every finished checkpoint predicts its fold's validation rows and the test set. Returns the job results, the
+    ensemble's test probabilities (N, 10), summed as they come so memory does not grow with the models, and the
+    seconds the test predictions took."""
     views, amp_dtype = tta_views(tta=cfg.tta), autocast_dtype(device, cfg.precision)
-    results, missing, test_sum = [], [], torch.zeros(len(data.test_images), NUM_CLASSES, dtype=torch.float64)
+    results, missing, test_seconds = [], [], 0.0
+    test_sum = torch.zeros(len(data.test_images), NUM_CLASSES, dtype=torch.float64)
     for arch in cfg.archs:
         for fold in range(cfg.folds):
             path = checkpoint_path(cfg.out, arch, fold)
@@ -1517,29 +1509,26 @@ def predict_jobs(cfg, data, device):
                 continue
             model, state = load_checkpoint(path, device)
             model = fold_batchnorm(model.to(device))
-            start = time.perf_counter()
             val_probs = predict_probs(model, data.images[data.folds[fold][1]], views, amp_dtype)
-            middle = time.perf_counter()
+            start = time.perf_counter()
             test_sum += predict_probs(model, data.test_images, views, amp_dtype)
+            test_seconds += time.perf_counter() - start
             results.append(JobResult(
                 arch=arch, fold=fold, best_val_acc=state["val_acc"], best_epoch=state["epoch"],
-                history=state["history"], train_seconds=state["train_seconds"],
-                images_trained=state["images_trained"], precision=state.get("precision", "unknown"),
-                overhead_seconds=state.get("overhead_seconds", {"start": 0.0, "between_epochs": 0.0}),
-                val_probs=val_probs,
-                oof_predict_seconds=middle - start, test_predict_seconds=time.perf_counter() - middle))
+                history=state["history"], train_seconds=state["train_seconds"], images_trained=state["images_trained"],
+                precision=state.get("precision", "unknown"), val_probs=val_probs))
     if not results:
         raise InputError(f"{os.path.join(cfg.out, 'checkpoints')}: no finished checkpoints for --archs "
                          f"{','.join(cfg.archs)}; train first")
     if missing:
         print(f"missing jobs, left out of the ensemble: {', '.join(missing)}", flush=True)
-    return results, (test_sum / len(results)).numpy()
+    return results, (test_sum / len(results)).numpy(), test_seconds
 
 
 def write_outputs(cfg, data, device, wall_start, setup_seconds, demo_labels=None):
     """The ensemble from the finished checkpoints: submission.csv, oof.csv, pictures, metrics.json."""
     predict_start = time.perf_counter()
-    results, test_probs = predict_jobs(cfg, data, device)
+    results, test_probs, test_seconds = predict_jobs(cfg, data, device)
     labels = data.label_array
 
     # Ensemble: softmax averaged over every model and view. OOF: per architecture with all its folds present,
@@ -1556,7 +1545,7 @@ def write_outputs(cfg, data, device, wall_start, setup_seconds, demo_labels=None
     predictions = test_probs.argmax(1)
     id_name, ids, label_name = data.submission
     write_csv(os.path.join(cfg.out, "submission.csv"), pd.DataFrame({id_name: ids, label_name: predictions}))
-    oof_acc, pictures_seconds = {}, 0.0
+    oof_acc = {}
     if oof_by_arch:
         oof_probs = np.mean(list(oof_by_arch.values()), axis=0)
         oof_acc = {arch: float((p.argmax(1) == labels).mean()) for arch, p in oof_by_arch.items()}
@@ -1565,16 +1554,14 @@ def write_outputs(cfg, data, device, wall_start, setup_seconds, demo_labels=None
         for digit in range(NUM_CLASSES):
             oof_frame[f"p{digit}"] = oof_probs[:, digit]
         write_csv(os.path.join(cfg.out, "oof.csv"), oof_frame, float_format="%.6f")
-        pictures_start = time.perf_counter()
         write_pictures(cfg, results, labels, oof_probs, data.images,
                        torch.Generator(device=device).manual_seed(cfg.seed))
-        pictures_seconds = time.perf_counter() - pictures_start
     else:
         print("no architecture has all its folds: no out-of-fold report and no pictures", flush=True)
 
     images_trained = sum(r.images_trained for r in results)
     train_seconds = sum(r.train_seconds for r in results)
-    test_seconds = sum(r.test_predict_seconds for r in results)
+    end = time.perf_counter()
     metrics = {
         "config": config_dict(cfg),
         "device": str(device) if device.type != "cuda" else f"cuda ({torch.cuda.get_device_name(device)})",
@@ -1582,25 +1569,15 @@ def write_outputs(cfg, data, device, wall_start, setup_seconds, demo_labels=None
         "versions": library_versions(),
         "jobs": [{"arch": r.arch, "fold": r.fold, "best_val_acc": r.best_val_acc, "best_epoch": r.best_epoch,
                   "epochs_run": len(r.history), "precision": r.precision, "train_seconds": r.train_seconds,
-                  "start_seconds": r.overhead_seconds["start"],
-                  "between_epochs_seconds": r.overhead_seconds["between_epochs"],
-                  "oof_predict_seconds": r.oof_predict_seconds, "test_predict_seconds": r.test_predict_seconds,
                   "train_images_per_second": r.images_trained / max(r.train_seconds, 1e-9), "history": r.history}
                  for r in results],
         "oof_accuracy": oof_acc,
-        "setup_seconds": setup_seconds,  # this session: device, reading and checking the data
-        "train_seconds": train_seconds,  # training loops, per-epoch validation included, over every session
-        # outside the epochs, in the sessions that finished the jobs: each job's building, resumed state and graph
-        # capture; each epoch's state snapshot and the waits for its write
-        "job_start_seconds": sum(r.overhead_seconds["start"] for r in results),
-        "between_epochs_seconds": sum(r.overhead_seconds["between_epochs"] for r in results),
-        "oof_predict_seconds": sum(r.oof_predict_seconds for r in results),
-        "test_predict_seconds": test_seconds,
+        "wall_seconds": end - wall_start,  # this session: the three parts below, the jobs' starts and their saving
+        "setup_seconds": setup_seconds,  # the device, reading and checking the data
+        "train_seconds": train_seconds,  # the jobs' epochs with their validation, over every session that ran them
+        "predict_seconds": end - predict_start,  # out-of-fold and test predictions, the files, the pictures
         "train_images_per_second": images_trained / max(train_seconds, 1e-9),
         "test_tta_images_per_second": len(data.test_images) * len(results) * len(tta_views(tta=cfg.tta)) / test_seconds,
-        "pictures_seconds": pictures_seconds,
-        "predict_seconds": time.perf_counter() - predict_start,  # the predictions, the files and the pictures
-        "wall_seconds": time.perf_counter() - wall_start,  # this session only
     }
     if device.type == "cuda":
         metrics["peak_gpu_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20

@@ -364,13 +364,10 @@ def test_smoke_run_out_of_fold_accuracy_is_far_above_chance(smoke_run):
 
 def test_metrics_say_where_the_wall_time_went(smoke_run):
     metrics = json.loads((smoke_run / "metrics.json").read_text())
-    parts = [metrics[key] for key in ("setup_seconds", "train_seconds", "job_start_seconds", "between_epochs_seconds",
-                                      "predict_seconds")]
-    assert all(part > 0 for part in parts) and 0 < metrics["pictures_seconds"] < metrics["predict_seconds"]
-    assert sum(parts) <= metrics["wall_seconds"]  # what is left: writing the finished checkpoints, printing
-    jobs = metrics["jobs"]
-    assert metrics["job_start_seconds"] == pytest.approx(sum(job["start_seconds"] for job in jobs))
-    assert metrics["between_epochs_seconds"] == pytest.approx(sum(job["between_epochs_seconds"] for job in jobs))
+    parts = [metrics[key] for key in ("setup_seconds", "train_seconds", "predict_seconds")]
+    assert all(part > 0 for part in parts) and sum(parts) <= metrics["wall_seconds"]
+    assert metrics["train_seconds"] == pytest.approx(sum(job["train_seconds"] for job in metrics["jobs"]))
+    assert metrics["test_tta_images_per_second"] > 0
 
 
 def test_checkpoints_record_their_job_and_recipe(smoke_run):
