@@ -18,6 +18,7 @@ stopped when the same command is run again in the same --out.
 import argparse
 import copy
 import dataclasses
+import datetime
 import glob
 import hashlib
 import io
@@ -220,10 +221,8 @@ def to_image_tensor(pixels, device):
 
 # -----------------------------------------------------------------------------------------------------------------
 # Augmentation: every image gets its own RandomAffine + RandomPerspective, drawn and resampled as torchvision does
-# it (the affine with nearest neighbour, then the perspective bilinearly, zero fill), in two grid_sample calls for
-# the whole batch.
-# All maps send an output pixel to the input position it reads, in pixel coordinates where pixel i spans
-# [i, i + 1) (its centre is i + 0.5): the convention of torchvision's tensor kernels.
+# it, in two grid_sample calls for the whole batch. Maps send an output pixel to the input position it reads, in
+# torchvision's pixel coordinates: pixel i spans [i, i + 1).
 
 
 def affine_maps(angle, translate_x, translate_y, scale, shear_x, size=IMAGE_SIZE):
@@ -315,11 +314,9 @@ def draw_augment_params(n, generator, device, size=IMAGE_SIZE):
 
 
 def augment(images, generator):
-    """Batch augmentation f(images, generator) -> images; every image draws its own parameters.
-
-    Resampled as the reference's torchvision pipeline resamples: RandomAffine with its default nearest neighbour,
-    then RandomPerspective's bilinear on the images that drew one. This matters: one bilinear resampling blurs
-    every training image, and models trained on blurred digits lagged on the sharp validation digits (README)."""
+    """Batch augmentation f(images, generator) -> images; every image draws its own parameters. Resampled as the
+    reference's torchvision pipeline does it: RandomAffine's nearest neighbour, then RandomPerspective's bilinear
+    where drawn. One bilinear resampling of the composed map would blur every training digit."""
     size = images.shape[-1]
     p = draw_augment_params(images.shape[0], generator, images.device, size)
     affine = affine_maps(p["angle"], p["translate_x"], p["translate_y"], p["scale"], p["shear_x"], size)
@@ -435,7 +432,7 @@ def resolve_device(name, local_rank=0):
 
 
 def memory_format_for(device):
-    """channels_last pays on CUDA (tensor cores) and on the CPU (oneDNN): measured 15-40% faster there."""
+    """channels_last pays on CUDA (tensor cores) and on the CPU (oneDNN) alike (BENCHMARKS.md)."""
     return torch.channels_last if device.type in ("cuda", "cpu") else torch.contiguous_format
 
 
@@ -445,8 +442,7 @@ def eval_batch_for(device):
 
 
 def cpu_vendor(cpuinfo="/proc/cpuinfo"):
-    """'GenuineIntel', 'AuthenticAMD', ...: from /proc/cpuinfo on Linux, from platform.processor() on Windows
-    ('AMD64 Family 25 Model 97 Stepping 2, AuthenticAMD'), '' where neither says."""
+    """'GenuineIntel', 'AuthenticAMD', ...: from /proc/cpuinfo on Linux, platform.processor() on Windows, or ''."""
     try:
         with open(cpuinfo) as f:
             for line in f:
@@ -458,14 +454,9 @@ def cpu_vendor(cpuinfo="/proc/cpuinfo"):
 
 
 def cpu_bfloat16_pays():
-    """Whether bfloat16 autocast beats float32 on this CPU's oneDNN:
-    - AMX tiles (Intel Xeon 4th generation and later): yes, measured 2.1-2.8x faster training here;
-    - AVX512-BF16 on an AMD core (Zen 4 and 5): yes, 1.6-1.8x faster training reported from an AMD EPYC;
-    - AVX512-BF16 on an Intel core without AMX (Cooper Lake): no. An Intel core measured here issues VDPBF16PS at a
-      quarter of its FMA rate, half of float32's multiply-adds, and bfloat16 trained slower (README).
-    torch asks the CPU through private helpers; a torch without them counts as neither. oneDNN uses only what
-    ONEDNN_MAX_CPU_ISA (or its older name DNNL_MAX_CPU_ISA) lets it: held at AVX512_CORE_BF16 it leaves the AMX
-    tiles unused, and at AVX2 or AVX512_CORE it has no bfloat16 instructions at all."""
+    """Whether bfloat16 autocast trains faster than float32 on this CPU's oneDNN (BENCHMARKS.md): with AMX tiles
+    (Intel Xeon 4th generation on), and with AVX512-BF16 on AMD (Zen 4, 5), not on Intel without AMX, whose
+    VDPBF16PS runs at a quarter of its FMA rate. Only what oneDNN's cap (ONEDNN_MAX_CPU_ISA) lets it use counts."""
     cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
     amx_allowed = cap in ("ALL", "DEFAULT") or "AMX" in cap
     bf16_allowed = amx_allowed or cap in ("AVX512_CORE_BF16", "AVX512_CORE_FP16") or cap.startswith("AVX10")
@@ -477,11 +468,8 @@ def cpu_bfloat16_pays():
 
 def autocast_dtype(device, precision="auto"):
     """The autocast dtype for the forward passes, or None for plain float32 (weights and optimizer stay float32).
-
-    auto: bfloat16 on CUDA cards with bfloat16 units (compute capability >= 8.0), float16 with loss scaling on older
-    cards, bfloat16 on CPUs where it pays (cpu_bfloat16_pays), float32 on every other CPU and on mps. float16 can be
-    asked for anywhere but mps: it is the T4's arithmetic, and most CPUs only emulate it (one training step 28x
-    slower than float32)."""
+    auto: bfloat16 on cards with bfloat16 units (compute capability 8.0 on), float16 with loss scaling on older ones
+    (the T4), bfloat16 on CPUs where it pays, else float32. float16 runs anywhere but mps, slowly on most CPUs."""
     if precision == "float32" or device.type == "mps":
         return None
     if precision == "float16":
@@ -501,8 +489,7 @@ def autocast_dtype(device, precision="auto"):
 
 def fold_batchnorm(model):
     """An inference copy of the model with each BatchNorm folded into the conv or linear layer registered just
-    before it (both models register layers in the order they run). Same outputs up to float rounding; measured
-    10-20% faster evaluation on the CPU."""
+    before it (both models register layers in the order they run): the same function, evaluated faster."""
     model = copy.deepcopy(model).eval()
     for module in model.modules():
         names = list(module._modules)
@@ -540,19 +527,6 @@ def predict_probs(model, images, views, amp_dtype=None):
     return torch.cat(chunks)
 
 
-@torch.no_grad()
-def accuracy_on_device(model, images, labels, amp_dtype=None):
-    """Plain (single-view) accuracy, returned as a device tensor so the caller decides when to synchronise."""
-    model.eval()
-    memory_format, chunk = memory_format_for(images.device), eval_batch_for(images.device)
-    correct = torch.zeros((), dtype=torch.long, device=images.device)
-    for start in range(0, len(images), chunk):
-        with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(images[start:start + chunk].contiguous(memory_format=memory_format))
-        correct += (logits.argmax(1) == labels[start:start + chunk]).sum()
-    return correct / len(images)
-
-
 # -----------------------------------------------------------------------------------------------------------------
 # Training: one (architecture, fold) job
 
@@ -564,10 +538,8 @@ def job_seed(seed, arch, fold):
 
 def rng_states(generator, device):
     states = {"cpu": torch.get_rng_state(), "generator": generator.get_state()}
-    if device.type == "cuda":
-        states["cuda"] = torch.cuda.get_rng_state(device)
-    elif device.type == "mps":
-        states["mps"] = torch.mps.get_rng_state()
+    if device.type != "cpu":  # torch.cuda or torch.mps: the current device's default generator
+        states[device.type] = getattr(torch, device.type).get_rng_state()
     return states
 
 
@@ -593,10 +565,8 @@ def set_rng_states(states, generator, device, seed):
         return False
     torch.set_rng_state(states["cpu"])
     generator.set_state(states["generator"])
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(states["cuda"], device)
-    elif device.type == "mps":
-        torch.mps.set_rng_state(states["mps"])
+    if device.type != "cpu":
+        getattr(torch, device.type).set_rng_state(states[device.type])
     return True
 
 
@@ -610,8 +580,7 @@ def train_step(model, optimizer, scaler, images, labels, batch_idx, generator, a
         logits = model(batch)
     loss = F.cross_entropy(logits.float(), batch_labels, label_smoothing=cfg.label_smoothing)
     optimizer.zero_grad(set_to_none=True)
-    # float16 on the CPU is there to run the T4's arithmetic. oneDNN's float16 convolution backward took 3.3-3.9 s a
-    # call on a Xeon with AVX512-FP16, 8x PyTorch's own path, which CPUs without AVX512-FP16 take anyway.
+    # float16 on the CPU runs the T4's arithmetic: oneDNN's float16 convolution backward is 8x slower than PyTorch's.
     onednn = torch.backends.mkldnn.enabled
     torch.backends.mkldnn.enabled = onednn and not (images.device.type == "cpu" and amp_dtype == torch.float16)
     try:
@@ -626,25 +595,21 @@ def train_step(model, optimizer, scaler, images, labels, batch_idx, generator, a
 
 def uses_cuda_graph(device):
     """A full batch's whole step (augmentation, forward, backward, AdamW) is one CUDA graph replay: a batch of 128
-    digits is ~470 small kernels, and launching them one by one left an H200 85% idle (README)."""
+    digits is some 470 kernels too small to keep a GPU busy when launched one by one."""
     return device.type == "cuda" and hasattr(torch.cuda.CUDAGraph, "register_generator_state")
 
 
 def adamw(params, cfg, amp_dtype, capturable=False):
-    """AdamW of the recipe. float16's gradient scaler hands fused AdamW its scale and overflow flag as device
-    tensors, and the step skips itself on the device when the gradients overflowed. The other AdamW needs the host to
-    read that flag first, a sync that a CUDA graph cannot capture. (fused=None, not False, keeps the default.)"""
+    """AdamW of the recipe. With float16, the fused AdamW takes the gradient scaler's overflow flag on the device and
+    skips an overflowed step there, where the others need a host sync that a CUDA graph cannot capture."""
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, capturable=capturable,
                              fused=amp_dtype == torch.float16 or None)
 
 
 def capture_step(step, static_idx, model, optimizer, scaler, generator):
-    """Record step(static_idx) as a CUDA graph, leaving the job's state as it found it.
-
-    Capture needs a few real steps first (cuDNN picks its kernels, AdamW creates its state), on a side stream.
-    Those steps change the weights, the optimizer state, the gradient scaler and the random generators; everything
-    is put back, so a run captured at epoch 1 and a run resumed (and captured) at epoch k train exactly the same
-    steps."""
+    """Record step(static_idx) as a CUDA graph. Capture needs a few real steps first, on a side stream; the weights,
+    optimizer, scaler and generators they change are put back, so a run captured at epoch 1 and a run resumed and
+    captured at epoch k train exactly the same steps."""
     device = static_idx.device
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     moments = {p: {k: v.clone() for k, v in state.items()} for p, state in optimizer.state.items()}
@@ -677,14 +642,12 @@ def capture_step(step, static_idx, model, optimizer, scaler, generator):
 
 
 def train_job(cfg, arch, fold, data, device, progress, recipe):
-    """Train one (architecture, fold) job and write its finished checkpoint (the best-validation weights).
-
-    Every epoch ends by saving the whole training state atomically (weights, optimizer, scheduler, scaler, every
-    random generator, best weights so far, patience), so a run killed at any point continues from its last completed
-    epoch and ends with the same weights as a run never interrupted."""
+    """Train one (architecture, fold) job and write its finished checkpoint (the best-validation weights). Each epoch
+    ends by saving the whole training state, so a run killed at any point continues from its last saved epoch and
+    ends with the weights of a run never interrupted."""
     train_idx, val_idx = data.folds[fold]
     train_images, train_labels = data.images[train_idx], data.labels[train_idx]
-    val_images, val_labels = data.images[val_idx], data.labels[val_idx]
+    val_images, val_labels = data.images[val_idx], data.label_array[val_idx.cpu().numpy()]
     seed = job_seed(cfg.seed, arch, fold)
     torch.manual_seed(seed)  # model init (on the CPU, so the same on every device) and dropout
     generator = torch.Generator(device=device).manual_seed(seed)  # shuffling and augmentation
@@ -692,8 +655,7 @@ def train_job(cfg, arch, fold, data, device, progress, recipe):
     graphed = uses_cuda_graph(device) and len(train_idx) >= cfg.batch_size
 
     model = ARCHITECTURES[arch]().to(device, memory_format=memory_format)
-    # In a CUDA graph the learning rate must be a device tensor that the schedule updates in place, and AdamW's
-    # step count must live on the device (capturable).
+    # In a CUDA graph, AdamW's step count and learning rate live on the device (capturable).
     optimizer = adamw(model.parameters(), cfg, amp_dtype, capturable=graphed)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -712,11 +674,10 @@ def train_job(cfg, arch, fold, data, device, progress, recipe):
         scaler.load_state_dict(saved["scaler"])
         job = {key: saved[key] for key in job}
         same_streams = set_rng_states(saved["rng"], generator, device, seed + job["epoch"])
-        progress.resumed(arch, fold, job["epoch"], "" if same_streams else " (saved on another kind of device: its "
-                         "random streams start afresh)")
-    # How AdamW runs is this session's choice, whichever kind of run saved the state: load_state_dict brings back
-    # the saved flags, and a graphed GPU run's capturable AdamW fails on the CPU (and a CPU run's fails in a graph).
-    # So is the learning rate's type: a float everywhere but in a graph.
+        progress.say(arch, fold, f"resumes after epoch {job['epoch']}" + ("" if same_streams else " (saved on another "
+                     "kind of device: its random streams start afresh)"), job["epoch"])
+    # How AdamW runs, and the learning rate's type, are this session's choice, whatever kind of run saved the state:
+    # a graphed GPU run's capturable AdamW fails on the CPU, and a CPU run's fails in a graph.
     for group in optimizer.param_groups:
         group.update(implementation)
         group["lr"] = torch.tensor(float(group["lr"]), device=device) if graphed else float(group["lr"])
@@ -748,8 +709,8 @@ def train_job(cfg, arch, fold, data, device, progress, recipe):
             lr = float(optimizer.param_groups[0]["lr"])
             scheduler.step()
 
-            # One host sync per epoch, here:
-            val_acc = accuracy_on_device(fold_batchnorm(model), val_images, val_labels, amp_dtype).item()
+            val_probs = predict_probs(fold_batchnorm(model), val_images, tta_views(tta=False), amp_dtype)
+            val_acc = float((val_probs.argmax(1).numpy() == val_labels).mean())
             if val_acc > job["best_acc"]:
                 job.update(best_acc=val_acc, best_epoch=job["epoch"], stale=0,
                            best_state=host_copy(model.state_dict()))
@@ -770,10 +731,10 @@ def train_job(cfg, arch, fold, data, device, progress, recipe):
             progress(arch, fold, record)
     if saving is not None:
         saving.result()
-    progress.job_done(job["epoch"])
+    progress.epochs_left -= cfg.epochs - job["epoch"]
 
     finished = {"model": job["best_state"], "arch": arch, "fold": fold, "epoch": job["best_epoch"],
-                "val_acc": job["best_acc"], "config": config_dict(cfg), "recipe": recipe, "finished": True,
+                "val_acc": job["best_acc"], "config": dataclasses.asdict(cfg), "recipe": recipe, "finished": True,
                 "history": job["history"], "train_seconds": job["train_seconds"],
                 "images_trained": n_used * len(job["history"]), "precision": precision_name(amp_dtype)}
     write_atomic(checkpoint_path(cfg.out, arch, fold), lambda tmp: torch_save(finished, tmp))
@@ -800,8 +761,7 @@ def write_atomic(path, write):
 
 
 def torch_save(obj, path):
-    """torch.save through memory, so that a full disk raises OSError (torch's own file writer raises RuntimeError
-    'unexpected pos')."""
+    """torch.save through memory: a full disk then raises OSError, not torch's RuntimeError('unexpected pos')."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     with open(path, "wb") as f:
@@ -862,15 +822,6 @@ def check_saved_recipes(cfg, recipe):
                              "state, or choose another --out")
 
 
-def remove_saved_state(out):
-    for path in glob.glob(os.path.join(out, "checkpoints", "*_fold*.pt*")):
-        os.remove(path)
-
-
-def config_dict(cfg):
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
-
-
 def write_csv(path, frame, float_format=None):
     write_atomic(path, lambda tmp: frame.to_csv(tmp, index=False, float_format=float_format))
 
@@ -886,41 +837,22 @@ def prepare_out(out):
         raise InputError(f"{out}: output directory cannot be written ({e.strerror or e})") from None
 
 
-def format_seconds(seconds):
-    seconds = int(round(seconds))
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
-
 class Progress:
-    """One line per epoch, with an ETA for this process's remaining jobs from the mean epoch time so far."""
+    """A line per epoch, with an ETA for this process's epochs still to run from the mean epoch time so far."""
 
     def __init__(self, cfg, jobs, rank=0, world=1):
-        self.cfg, self.total = cfg, jobs * cfg.epochs
+        self.cfg, self.epochs_left, self.seconds, self.timed = cfg, jobs * cfg.epochs, 0.0, 0
         self.prefix = f"[rank {rank}] " if world > 1 else ""
-        self.done, self.seconds, self.timed = 0, 0.0, 0
+
+    def say(self, arch, fold, text, epochs_done=0):  # early stopping and resumes leave epochs that will never run
+        self.epochs_left -= epochs_done
+        print(f"{self.prefix}{arch:<6} fold {fold + 1}/{self.cfg.folds} {text}", flush=True)
 
     def __call__(self, arch, fold, r):
-        self.done += 1
-        self.timed += 1
-        self.seconds += r["seconds"]
-        eta = self.seconds / self.timed * (self.total - self.done)
-        print(f"{self.prefix}{arch:<6} fold {fold + 1}/{self.cfg.folds} epoch {r['epoch']:>2}/{self.cfg.epochs}  "
-              f"loss {r['train_loss']:.4f}  train {r['train_acc']:.4f}  val {r['val_acc']:.4f}  "
-              f"lr {r['lr']:.2e}  {r['seconds']:.1f}s  eta {format_seconds(eta)}", flush=True)
-
-    def resumed(self, arch, fold, epochs_done, note=""):
-        self.done += epochs_done
-        print(f"{self.prefix}{arch:<6} fold {fold + 1}/{self.cfg.folds} resumes after epoch {epochs_done}{note}",
-              flush=True)
-
-    def skipped(self, arch, fold):
-        self.done += self.cfg.epochs
-        print(f"{self.prefix}{arch:<6} fold {fold + 1}/{self.cfg.folds} finished earlier: skipped", flush=True)
-
-    def job_done(self, epochs_run):  # early stopping leaves epochs that will never run
-        self.total -= self.cfg.epochs - epochs_run
+        self.seconds, self.timed = self.seconds + r["seconds"], self.timed + 1
+        eta = datetime.timedelta(seconds=round(self.seconds / self.timed * (self.epochs_left - 1)))
+        self.say(arch, fold, f"epoch {r['epoch']:>2}/{self.cfg.epochs}  loss {r['train_loss']:.4f}  train "
+                 f"{r['train_acc']:.4f}  val {r['val_acc']:.4f}  lr {r['lr']:.2e}  {r['seconds']:.1f}s  eta {eta}", 1)
 
 
 def library_versions():
@@ -965,7 +897,6 @@ def tiles_figure(pictures, columns, titles=None):
 def write_pictures(cfg, results, labels, oof_probs, images, generator):
     """curves.png, confusion.png, mistakes.png and samples.png in --out; skipped in one line without matplotlib."""
     try:
-        from matplotlib.colors import LogNorm
         from matplotlib.figure import Figure
         from matplotlib.ticker import MaxNLocator
     except ImportError:
@@ -992,22 +923,14 @@ def write_pictures(cfg, results, labels, oof_probs, images, generator):
         acc_ax.legend(fontsize=8, loc="lower right")
     save(fig, "curves.png")
 
-    # Confusion matrix of the ensemble's out-of-fold predictions, log colour scale so small counts show.
-    from sklearn.metrics import confusion_matrix
-    matrix = confusion_matrix(labels, predictions, labels=range(NUM_CLASSES))
+    # Confusion matrix of the ensemble's out-of-fold predictions, every count written in its cell.
+    from sklearn.metrics import ConfusionMatrixDisplay
     fig = Figure(figsize=(7.5, 6.5), layout="constrained", dpi=110)
     ax = fig.subplots()
-    shown = np.ma.masked_equal(matrix, 0)
-    image = ax.imshow(shown, cmap="Blues", norm=LogNorm(vmin=1, vmax=max(2, matrix.max())))
-    for (row, col), count in np.ndenumerate(matrix):
-        if count:
-            dark = np.log(count) > 0.6 * np.log(max(2, matrix.max()))
-            ax.text(col, row, str(count), ha="center", va="center", fontsize=8 if count < 1000 else 7,
-                    color="white" if dark else "black")
+    ConfusionMatrixDisplay.from_predictions(labels, predictions, labels=range(NUM_CLASSES), ax=ax, cmap="Blues")
     errors = int((predictions != labels).sum())
-    ax.set(xticks=range(NUM_CLASSES), yticks=range(NUM_CLASSES), xlabel="predicted digit", ylabel="true digit",
+    ax.set(xlabel="predicted digit", ylabel="true digit",
            title=f"Out-of-fold confusion, ensemble: {errors} errors in {len(labels)} images")
-    fig.colorbar(image, ax=ax, label="images (log scale)")
     save(fig, "confusion.png")
 
     # The out-of-fold mistakes, most confident first.
@@ -1261,14 +1184,9 @@ def predict_files(cfg):
 def find_kaggle_data(max_depth=4):
     """The folders under KAGGLE_INPUT, down to max_depth levels, that hold both train.csv and test.csv (another
     competition's mount, such as Kannada-MNIST, or a dataset copy under another name)."""
-    found = []
-    for folder, subfolders, files in os.walk(KAGGLE_INPUT):
-        if {"train.csv", "test.csv"} <= set(files):
-            found.append(folder)
-        if folder[len(KAGGLE_INPUT):].count(os.sep) >= max_depth:
-            subfolders.clear()
-        subfolders.sort()
-    return sorted(found)
+    found = [os.path.dirname(path) for depth in range(max_depth + 1)
+             for path in glob.glob(os.path.join(KAGGLE_INPUT, *["*"] * depth, "train.csv"))]
+    return sorted(folder for folder in found if os.path.isfile(os.path.join(folder, "test.csv")))
 
 
 def resolve_data_dir(cfg):
@@ -1413,7 +1331,6 @@ def start_distributed():
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, 0
-    import datetime
     import torch.distributed as dist
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
@@ -1423,22 +1340,17 @@ def start_distributed():
     return dist.get_rank(), world, local_rank
 
 
-def barrier(world):
-    if world > 1:
-        torch.distributed.barrier()
-
-
 def run(cfg):
     """Train every (architecture, fold) job this process owns, then (rank 0) predict and write the outputs."""
     rank, world, local_rank = start_distributed()
     try:
-        return _run(cfg, rank, world, local_rank)
+        return train_and_predict(cfg, rank, world, local_rank)
     finally:
         if world > 1:
             torch.distributed.destroy_process_group()
 
 
-def _run(cfg, rank, world, local_rank):
+def train_and_predict(cfg, rank, world, local_rank):
     wall_start = time.perf_counter()
     device = resolve_device(cfg.device, local_rank)
     amp_dtype = autocast_dtype(device, cfg.precision)  # may refuse --precision: before anything is written
@@ -1449,11 +1361,13 @@ def _run(cfg, rank, world, local_rank):
         demo_labels = make_demo_data(cfg.data, seed=cfg.seed)
     data, recipe = check_inputs(cfg, device)
     if cfg.fresh and rank == 0:
-        remove_saved_state(cfg.out)
+        for path in glob.glob(os.path.join(cfg.out, "checkpoints", "*_fold*.pt*")):
+            os.remove(path)
     if world == 1:  # what a kill in the middle of a write left behind (with several processes, maybe a live write)
         for leftover in glob.glob(os.path.join(cfg.out, "checkpoints", "*.tmp*")):
             os.remove(leftover)
-    barrier(world)
+    else:
+        torch.distributed.barrier()
     check_saved_recipes(cfg, recipe)
 
     if device.type == "cuda":  # the same seed gives the same files: no autotuner that may pick other kernels per run
@@ -1462,16 +1376,17 @@ def _run(cfg, rank, world, local_rank):
     mine = training_jobs(cfg)[rank::world]  # every job seeds itself, so the split cannot change any result
     if mine:
         print(f"{'[rank %d] ' % rank if world > 1 else ''}device {device} ({precision_name(amp_dtype)}), "
-              f"{len(data.labels)} training images, {len(data.test_images)} test images, {len(mine)} "
-              f"job{'s' if len(mine) > 1 else ''} of {cfg.epochs} epoch{'s' if cfg.epochs > 1 else ''}", flush=True)
+              f"{len(data.labels)} training images, {len(data.test_images)} test images, jobs: {len(mine)}, epochs: "
+              f"{cfg.epochs}", flush=True)
     setup_seconds = time.perf_counter() - wall_start  # device, data, checks: before the first job
     progress = Progress(cfg, len(mine), rank, world)
     for arch, fold in mine:
         if os.path.exists(checkpoint_path(cfg.out, arch, fold)):
-            progress.skipped(arch, fold)
+            progress.say(arch, fold, "finished earlier: skipped", cfg.epochs)
         else:
             train_job(cfg, arch, fold, data, device, progress, recipe)
-    barrier(world)
+    if world > 1:  # rank 0 writes the outputs once every job is done
+        torch.distributed.barrier()
     if rank != 0:
         return None
     return write_outputs(cfg, data, device, wall_start, setup_seconds, demo_labels)
@@ -1531,8 +1446,7 @@ def write_outputs(cfg, data, device, wall_start, setup_seconds, demo_labels=None
     results, test_probs, test_seconds = predict_jobs(cfg, data, device)
     labels = data.label_array
 
-    # Ensemble: softmax averaged over every model and view. OOF: per architecture with all its folds present,
-    # then the mean of those architectures.
+    # Ensemble: softmax averaged over every model and view. OOF: per architecture with all folds, then their mean.
     oof_by_arch = {}
     for arch in cfg.archs:
         arch_results = [r for r in results if r.arch == arch]
@@ -1563,7 +1477,7 @@ def write_outputs(cfg, data, device, wall_start, setup_seconds, demo_labels=None
     train_seconds = sum(r.train_seconds for r in results)
     end = time.perf_counter()
     metrics = {
-        "config": config_dict(cfg),
+        "config": dataclasses.asdict(cfg),
         "device": str(device) if device.type != "cuda" else f"cuda ({torch.cuda.get_device_name(device)})",
         "precision": precision_name(autocast_dtype(device, cfg.precision)),
         "versions": library_versions(),
@@ -1597,7 +1511,7 @@ def print_summary(cfg, results, oof_acc, metrics):
     if oof_acc:
         print("out-of-fold accuracy (" + views + "): " + "  ".join(f"{k} {v:.4f}" for k, v in oof_acc.items()))
     print(f"trained {metrics['train_images_per_second']:.0f} images/s, wall time "
-          f"{format_seconds(metrics['wall_seconds'])}; outputs in {os.path.abspath(cfg.out)}")
+          f"{datetime.timedelta(seconds=round(metrics['wall_seconds']))}; outputs in {os.path.abspath(cfg.out)}")
     if "demo_test_accuracy" in metrics:
         print(f"demo held-out test accuracy: {metrics['demo_test_accuracy']:.4f}")
 
