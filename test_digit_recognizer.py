@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -1136,9 +1137,17 @@ def long_run_args(data, out, *extra):
             "--batch-size", "32", "--device", "cpu", *extra]
 
 
-def run_script(args, env=None, launcher=(sys.executable,)):
-    return subprocess.run([*launcher, SCRIPT, *args], capture_output=True, text=True,
+def run_script(args, env=None):
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=300)
+
+
+def run_again(args, capsys):
+    """The same command run again, in this process (no second start of Python and torch), as run_script reports."""
+    capsys.readouterr()
+    code = dr.main(args)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
 
 
 def output_bytes(out):
@@ -1156,8 +1165,7 @@ def training_curves(out):
 @pytest.fixture(scope="session")
 def uninterrupted_run(small_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted")
-    result = run_script(long_run_args(small_dir, out))
-    assert result.returncode == 0, result.stderr
+    assert dr.main(long_run_args(small_dir, out)) == 0
     return out
 
 
@@ -1177,20 +1185,21 @@ def start_until_first_epoch_saved(data, out, make_args=long_run_args, **popen_op
     return process, state
 
 
-def test_resume_after_sigkill_mid_epoch_gives_identical_outputs(small_dir, tmp_path, uninterrupted_run, uninterrupted):
+def test_resume_after_sigkill_mid_epoch_gives_identical_outputs(small_dir, tmp_path, uninterrupted_run, uninterrupted,
+                                                                 capsys):
     process, state = start_until_first_epoch_saved(small_dir, tmp_path, stderr=subprocess.DEVNULL)
     process.send_signal(signal.SIGKILL)  # epoch 1 is saved; epoch 2 is under way
     process.wait()
     assert state.exists() and not (tmp_path / "submission.csv").exists()
     saved_epoch = torch.load(state, weights_only=True)["epoch"]
-    result = run_script(long_run_args(small_dir, tmp_path))
+    result = run_again(long_run_args(small_dir, tmp_path), capsys)
     assert result.returncode == 0, result.stderr
     assert f"resumes after epoch {saved_epoch}" in result.stdout
     assert output_bytes(tmp_path) == uninterrupted
     assert training_curves(tmp_path) == training_curves(uninterrupted_run)
 
 
-def test_state_saved_by_a_graphed_gpu_run_resumes_on_the_cpu(small_dir, tmp_path, uninterrupted_run):
+def test_state_saved_by_a_graphed_gpu_run_resumes_on_the_cpu(small_dir, tmp_path, uninterrupted_run, capsys):
     """A Kaggle GPU session ends and the run goes on elsewhere. The state holds a graphed run's AdamW (capturable, a
     float32 device-tensor learning rate), which the CPU refuses unless this session chooses its own, and CUDA
     generator states, which a CPU generator cannot take: the job goes on from the saved epoch with fresh streams."""
@@ -1203,7 +1212,7 @@ def test_state_saved_by_a_graphed_gpu_run_resumes_on_the_cpu(small_dir, tmp_path
     cuda_generator_state = torch.zeros(16, dtype=torch.uint8)  # a CUDA generator's state: seed and offset
     saved["rng"].update(generator=cuda_generator_state, cuda=cuda_generator_state)
     torch.save(saved, state)
-    result = run_script(long_run_args(small_dir, tmp_path))
+    result = run_again(long_run_args(small_dir, tmp_path), capsys)
     assert result.returncode == 0, result.stderr
     assert (f"resumes after epoch {saved['epoch']} (saved on another kind of device: its random streams start "
             "afresh)") in result.stdout
@@ -1235,14 +1244,14 @@ def test_float16_run_records_float16_in_checkpoints_and_metrics(float16_run):
     assert all(v.dtype in (torch.float32, torch.int64) for v in state["model"].values())  # weights stay float32
 
 
-def test_float16_resume_after_sigkill_is_byte_identical(small_dir, tmp_path, float16_run):
+def test_float16_resume_after_sigkill_is_byte_identical(small_dir, tmp_path, float16_run, capsys):
     process, state = start_until_first_epoch_saved(small_dir, tmp_path, float16_args, stderr=subprocess.DEVNULL)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert state.exists() and not (tmp_path / "submission.csv").exists()
     saved = torch.load(state, weights_only=True)
     assert saved["scaler"]["scale"] > 0  # the gradient scaler's state is part of what a resume restores
-    result = run_script(float16_args(small_dir, tmp_path))
+    result = run_again(float16_args(small_dir, tmp_path), capsys)
     assert result.returncode == 0 and f"resumes after epoch {saved['epoch']}" in result.stdout, result.stderr
     assert (tmp_path / "submission.csv").read_bytes() == (float16_run / "submission.csv").read_bytes()
     resumed, whole = (torch.load(out / "checkpoints" / "wide_fold0.pt", weights_only=True)["model"]
@@ -1303,7 +1312,7 @@ def test_resume_after_interrupt_during_checkpoint_write(small_dir, tmp_path, uni
     assert torch.load(checkpoints / "wide_fold0.state.pt", weights_only=True)["epoch"] == 1
     (checkpoints / "wide_fold0.state.pt.tmp99999").write_bytes(b"what a SIGKILL mid-write leaves")
     monkeypatch.setattr(dr, "torch_save", real_save)
-    result = run_script(long_run_args(small_dir, tmp_path))
+    result = run_again(long_run_args(small_dir, tmp_path), capsys)
     assert result.returncode == 0, result.stderr
     assert output_bytes(tmp_path) == uninterrupted
     assert training_curves(tmp_path) == training_curves(uninterrupted_run)
@@ -1327,7 +1336,7 @@ def test_a_full_disk_is_one_line_and_the_same_command_then_continues(small_dir, 
                                        "be, run the same command again to continue\n")
     assert torch.load(state, weights_only=True)["epoch"] == 1 and not (tmp_path / "submission.csv").exists()
     monkeypatch.setattr(dr, "torch_save", real_save)
-    result = run_script(long_run_args(small_dir, tmp_path))
+    result = run_again(long_run_args(small_dir, tmp_path), capsys)
     assert result.returncode == 0 and "resumes after epoch 1" in result.stdout, result.stderr
     assert output_bytes(tmp_path) == uninterrupted
     assert training_curves(tmp_path) == training_curves(uninterrupted_run)
@@ -1375,10 +1384,10 @@ def test_a_corrupt_finished_checkpoint_exits_2_naming_it(small_dir, tmp_path, ca
     assert err.startswith(f"error: {checkpoint}: not a readable checkpoint") and err.count("\n") == 1
 
 
-def test_a_corrupt_in_progress_state_is_redone(small_dir, tmp_path, uninterrupted):
+def test_a_corrupt_in_progress_state_is_redone(small_dir, tmp_path, uninterrupted, capsys):
     (tmp_path / "checkpoints").mkdir(parents=True)
     (tmp_path / "checkpoints" / "wide_fold0.state.pt").write_bytes(b"\x00garbage")
-    result = run_script(long_run_args(small_dir, tmp_path))
+    result = run_again(long_run_args(small_dir, tmp_path), capsys)
     assert result.returncode == 0 and "wide_fold0.state.pt: unreadable" in result.stderr
     assert output_bytes(tmp_path) == uninterrupted
 
@@ -1545,24 +1554,27 @@ def kaggle_sized_csv(path, rows, label=False):
 
 
 @pytest.mark.parametrize("fault", ["test.csv cut short", "a damaged cell far down train.csv"])
-def test_a_fault_in_kaggle_sized_files_is_one_line(fault, tmp_path):
-    """In chunks, pandas warned of a column's "mixed types" (two lines, or for a cut file 5,000 characters of column
-    names) before the script's own line."""
+def test_a_fault_in_kaggle_sized_files_is_one_line(fault, tmp_path, capsys):
+    """Read in chunks, pandas warned of a column's "mixed types" (two lines, or for a cut file 5,000 characters of
+    column names) before the script's own line."""
     cut = fault == "test.csv cut short"
     kaggle_sized_csv(tmp_path / "train.csv", 100 if cut else 42_000, label=True)  # only the faulty file at full size
     kaggle_sized_csv(tmp_path / "test.csv", 28_000)
-    if cut:  # an interrupted download: the last row stops after its 300th cell
+    if cut:  # an interrupted download: the last row stops after its 700th cell
         text = (tmp_path / "test.csv").read_bytes()
         last_row = text.rstrip(b"\n").rsplit(b"\n", 1)[1]
-        (tmp_path / "test.csv").write_bytes(text[:len(text) - len(last_row) - 1 + len("0,") * 300])
-        expected = f"{tmp_path / 'test.csv'}: line 28001, column pixel300: empty cell"
+        kept = b",".join(last_row.split(b",")[:700])
+        (tmp_path / "test.csv").write_bytes(text[:len(text) - len(last_row) - 1] + kept)
+        expected = f"{tmp_path / 'test.csv'}: line 28001, column pixel700: empty cell"
     else:
         lines = (tmp_path / "train.csv").read_text().splitlines(keepends=True)
         lines[41_990] = lines[41_990].replace(",128,", ",12O,", 1)
         (tmp_path / "train.csv").write_text("".join(lines))
         expected = f"{tmp_path / 'train.csv'}: line 41991, column pixel300: '12O' is not a number"
-    result = run_script(["--data", str(tmp_path), "--out", str(tmp_path / "out")])
-    assert result.returncode == 2 and result.stderr == f"error: {expected}\n" and result.stdout == ""
+    with warnings.catch_warnings(record=True) as warned:  # what a user would see printed
+        warnings.simplefilter("always")
+        assert dr.main(["--data", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    assert [str(w.message) for w in warned] == [] and capsys.readouterr() == ("", f"error: {expected}\n")
     assert not (tmp_path / "out").exists()
 
 
