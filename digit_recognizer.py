@@ -2,18 +2,19 @@
 
 Two CNNs (a compact ResNet and a wide VGG-style net) x 5 stratified folds, trained with batched on-device
 augmentation, AdamW + cosine, label smoothing and early stopping; the submission averages softmax probabilities
-over 10 models x 4 fixed test-time views.
+over 10 models x 4 fixed test-time views. Measured results and speeds: BENCHMARKS.md.
 
-    python digit_recognizer.py --data /kaggle/input/digit-recognizer      # full run -> ./submission.csv
-    python digit_recognizer.py --demo                                     # no download, a few CPU minutes
+    python digit_recognizer.py                                         # on Kaggle: the competition's data
+    python digit_recognizer.py --data DIR --out runs/full              # train.csv, test.csv -> submission.csv
+    python digit_recognizer.py --demo                                  # no download, a few CPU minutes
     python digit_recognizer.py --data DIR --archs wide --folds 2 --epochs 6 --out runs/quick
-    python digit_recognizer.py --data DIR --processes 4                   # jobs over 4 processes (default: one per GPU)
-    python digit_recognizer.py --predict year.jpg --out runs/quick        # read digits in your own photos
+    python digit_recognizer.py --data DIR --processes 2                # jobs over 2 processes (default: one per GPU)
+    python digit_recognizer.py --predict year.jpg --out runs/quick     # read the digits in your own pictures
     pytest test_digit_recognizer.py
 
-On Kaggle, paste this file into a script kernel and run it as it is: with no --data it reads
-/kaggle/input/digit-recognizer and writes to the working directory. An interrupted run continues where it
-stopped when the same command is run again in the same --out.
+On Kaggle, paste this file into a script kernel and run it as it is: with no --data it reads the competition's
+folder under /kaggle/input and writes to the working directory. An interrupted run continues where it stopped
+when the same command is run again in the same --out.
 """
 import argparse
 import copy
