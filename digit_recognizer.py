@@ -170,11 +170,15 @@ def read_digits_csv(path, role):
 
 
 def _integers(path, frame, high):
-    """The frame's values as float64 (N, C), or an InputError naming the first cell, in the file's order, that is not
+    """The frame's values (N, C) as numbers, or an InputError naming the first cell, in the file's order, that is not
     an integer in 0-high."""
-    text = frame.select_dtypes(exclude="integer").columns  # where a cell is not a number, or empty
-    values = frame.assign(**{c: pd.to_numeric(frame[c], errors="coerce") for c in text}).to_numpy(np.float64)
-    bad = np.isnan(values) | (values < 0) | (values > high) | (values != np.floor(values))
+    text = frame.select_dtypes(exclude="integer").columns  # where a cell is not a whole number, or is empty
+    if len(text) == 0:  # the usual case: pandas read integers everywhere
+        values = frame.to_numpy()
+        bad = (values < 0) | (values > high)
+    else:
+        values = frame.assign(**{c: pd.to_numeric(frame[c], errors="coerce") for c in text}).to_numpy(np.float64)
+        bad = np.isnan(values) | (values < 0) | (values > high) | (values != np.floor(values))
     if not bad.any():
         return values
     row, col = np.argwhere(bad)[0]
