@@ -132,9 +132,8 @@ class InputError(Exception):
 
 
 def read_digits_csv(path, role):
-    """Read a Kaggle-layout CSV. role 'train': label + 784 pixels; role 'test': 784 pixels, or an id column + 784.
-    Pixel columns are taken by position, whatever their names (pixel0.. or pixel1..).
-    Returns (pixels uint8 (N, 784), labels int64 (N,) or None, id column (name, values) or None)."""
+    """A Kaggle-layout CSV ('train': label + 784 pixels; 'test': 784 pixels, maybe after an id column), pixels taken
+    by position -> (pixels uint8 (N, 784), labels int64 (N,) or None, id column (name, values) or None)."""
     if not os.path.isfile(path):
         raise InputError(f"{path}: file not found")
     try:
@@ -199,9 +198,8 @@ def _integers(path, frame, high):
 
 
 def submission_columns(data_dir, test_ids, n_test):
-    """(id column name, id values, label column name) of the submission. Kaggle's digit layout is ImageId from 1
-    and Label; a test.csv with an id column (Kannada-MNIST) gives that column and 'label'; a
-    sample_submission.csv beside the data, when present, decides both names and their order."""
+    """(id column name, id values, label column name): ImageId from 1 and Label; test.csv's id column and 'label'
+    (Kannada-MNIST); or the names and order of a sample_submission.csv beside the data."""
     id_name, ids = test_ids if test_ids is not None else ("ImageId", np.arange(1, n_test + 1))
     label_name = "label" if test_ids is not None else "Label"
     sample_path = os.path.join(data_dir, "sample_submission.csv")
@@ -915,11 +913,11 @@ def write_pictures(cfg, results, labels, oof_probs, images, generator):
     axes = fig.subplots(2, len(cfg.archs), squeeze=False)
     for column, arch in enumerate(cfg.archs):
         loss_ax, acc_ax = axes[0, column], axes[1, column]
-        for r in [r for r in results if r.arch == arch]:
-            epochs = [h["epoch"] for h in r.history]
-            (line,) = loss_ax.plot(epochs, [h["train_loss"] for h in r.history], label=f"fold {r.fold}")
-            acc_ax.plot(epochs, [h["val_acc"] for h in r.history], color=line.get_color(), label=f"fold {r.fold}")
-            acc_ax.plot(r.best_epoch, r.best_val_acc, marker="*", markersize=13, color=line.get_color())
+        for r in [r for r in results if r["arch"] == arch]:
+            epochs, label = [h["epoch"] for h in r["history"]], f"fold {r['fold']}"
+            (line,) = loss_ax.plot(epochs, [h["train_loss"] for h in r["history"]], label=label)
+            acc_ax.plot(epochs, [h["val_acc"] for h in r["history"]], color=line.get_color(), label=label)
+            acc_ax.plot(r["best_epoch"], r["best_val_acc"], marker="*", markersize=13, color=line.get_color())
         loss_ax.set(title=f"{arch}: training loss", xlabel="epoch", ylabel="loss (augmented, smoothed labels)")
         acc_ax.set(title=f"{arch}: validation accuracy (* = kept epoch)", xlabel="epoch", ylabel="accuracy")
         for ax in (loss_ax, acc_ax):
@@ -1018,11 +1016,9 @@ READ_SIZE = 400  # photos are read with their longer side at this many pixels
 
 
 def find_digits(photo):
-    """A grayscale photo (H, W) in [0, 1] of a page with one or more digits side by side, either polarity ->
-    [((top, left, bottom, right), (28, 28) frame)], left to right; [] where no ink stands out from the paper.
-
-    Paper, light and shadow change slowly, and ruled lines run across the page: what stays after removing them is
-    ink. Each group of ink that shares columns, or stands above another, is one digit (digits that touch stay one)."""
+    """A grayscale photo (H, W) in [0, 1] of digits side by side, either polarity -> [((top, left, bottom, right),
+    (28, 28) frame)], left to right. Paper, light and shadow change slowly and ruled lines run across the page: what
+    stays after removing them is ink, and each group of ink that shares columns is one digit."""
     from scipy import ndimage
     smooth = ndimage.gaussian_filter(photo, 1.0)  # sensor noise and JPEG blocks
     wide = max(photo.shape) // 6  # wider than any stroke
@@ -1401,25 +1397,12 @@ def precision_name(amp_dtype):
     return {None: "float32", torch.bfloat16: "bfloat16 autocast", torch.float16: "float16 autocast"}[amp_dtype]
 
 
-@dataclass
-class JobResult:
-    arch: str
-    fold: int
-    best_val_acc: float
-    best_epoch: int  # 1-based
-    history: list  # per epoch: dict(epoch, train_loss, train_acc, val_acc, lr, seconds)
-    train_seconds: float
-    images_trained: int
-    precision: str  # of its training: a job can be resumed or merged from another machine
-    val_probs: torch.Tensor  # (n_val, 10) with the TTA views, from the best weights
-
-
 def predict_jobs(cfg, data, device):
-    """Every finished checkpoint predicts its fold's validation rows and the test set. Returns the job results, the
-    ensemble's test probabilities (N, 10), summed as they come so memory does not grow with the models, and the
-    seconds the test predictions took."""
+    """Every finished checkpoint predicts its fold's validation rows and the test set. Returns each job's record for
+    metrics.json, its out-of-fold probabilities {(arch, fold): (n_val, 10)}, the ensemble's test probabilities
+    (N, 10), summed as they come so memory does not grow with the models, and the seconds they took."""
     views, amp_dtype = tta_views(tta=cfg.tta), autocast_dtype(device, cfg.precision)
-    results, missing, test_seconds = [], [], 0.0
+    results, val_probs, missing, test_seconds = [], {}, [], 0.0
     test_sum = torch.zeros(len(data.test_images), NUM_CLASSES, dtype=torch.float64)
     for arch in cfg.archs:
         for fold in range(cfg.folds):
@@ -1429,36 +1412,37 @@ def predict_jobs(cfg, data, device):
                 continue
             model, state = load_checkpoint(path, device)
             model = fold_batchnorm(model.to(device))
-            val_probs = predict_probs(model, data.images[data.folds[fold][1]], views, amp_dtype)
+            val_probs[arch, fold] = predict_probs(model, data.images[data.folds[fold][1]], views, amp_dtype)
             start = time.perf_counter()
             test_sum += predict_probs(model, data.test_images, views, amp_dtype)
             test_seconds += time.perf_counter() - start
-            results.append(JobResult(
-                arch=arch, fold=fold, best_val_acc=state["val_acc"], best_epoch=state["epoch"],
-                history=state["history"], train_seconds=state["train_seconds"], images_trained=state["images_trained"],
-                precision=state.get("precision", "unknown"), val_probs=val_probs))
+            seconds, images = state["train_seconds"], state["images_trained"]
+            results.append({"arch": arch, "fold": fold, "best_val_acc": state["val_acc"], "best_epoch": state["epoch"],
+                            "epochs_run": len(state["history"]), "train_seconds": seconds, "images_trained": images,
+                            "train_images_per_second": images / max(seconds, 1e-9),
+                            "precision": state.get("precision", "unknown"),  # its own: a job may come from elsewhere
+                            "history": state["history"]})
     if not results:
         raise InputError(f"{os.path.join(cfg.out, 'checkpoints')}: no finished checkpoints for --archs "
                          f"{','.join(cfg.archs)}; train first")
     if missing:
         print(f"missing jobs, left out of the ensemble: {', '.join(missing)}", flush=True)
-    return results, (test_sum / len(results)).numpy(), test_seconds
+    return results, val_probs, (test_sum / len(results)).numpy(), test_seconds
 
 
 def write_outputs(cfg, data, device, wall_start, setup_seconds, demo_labels=None):
     """The ensemble from the finished checkpoints: submission.csv, oof.csv, pictures, metrics.json."""
     predict_start = time.perf_counter()
-    results, test_probs, test_seconds = predict_jobs(cfg, data, device)
+    results, val_probs, test_probs, test_seconds = predict_jobs(cfg, data, device)
     labels = data.label_array
 
     # Ensemble: softmax averaged over every model and view. OOF: per architecture with all folds, then their mean.
     oof_by_arch = {}
     for arch in cfg.archs:
-        arch_results = [r for r in results if r.arch == arch]
-        if len(arch_results) == cfg.folds:
+        if all((arch, fold) in val_probs for fold in range(cfg.folds)):
             oof = np.zeros((len(labels), NUM_CLASSES), dtype=np.float32)
-            for r in arch_results:
-                oof[data.folds[r.fold][1].cpu().numpy()] = r.val_probs.numpy()
+            for fold in range(cfg.folds):
+                oof[data.folds[fold][1].cpu().numpy()] = val_probs[arch, fold].numpy()
             oof_by_arch[arch] = oof
 
     predictions = test_probs.argmax(1)
@@ -1478,18 +1462,15 @@ def write_outputs(cfg, data, device, wall_start, setup_seconds, demo_labels=None
     else:
         print("no architecture has all its folds: no out-of-fold report and no pictures", flush=True)
 
-    images_trained = sum(r.images_trained for r in results)
-    train_seconds = sum(r.train_seconds for r in results)
+    images_trained = sum(r["images_trained"] for r in results)
+    train_seconds = sum(r["train_seconds"] for r in results)
     end = time.perf_counter()
     metrics = {
         "config": dataclasses.asdict(cfg),
         "device": str(device) if device.type != "cuda" else f"cuda ({torch.cuda.get_device_name(device)})",
         "precision": precision_name(autocast_dtype(device, cfg.precision)),
         "versions": library_versions(),
-        "jobs": [{"arch": r.arch, "fold": r.fold, "best_val_acc": r.best_val_acc, "best_epoch": r.best_epoch,
-                  "epochs_run": len(r.history), "precision": r.precision, "train_seconds": r.train_seconds,
-                  "train_images_per_second": r.images_trained / max(r.train_seconds, 1e-9), "history": r.history}
-                 for r in results],
+        "jobs": results,
         "oof_accuracy": oof_acc,
         "wall_seconds": end - wall_start,  # this session: the three parts below, the jobs' starts and their saving
         "setup_seconds": setup_seconds,  # the device, reading and checking the data
@@ -1511,7 +1492,7 @@ def write_outputs(cfg, data, device, wall_start, setup_seconds, demo_labels=None
 def print_summary(cfg, results, oof_acc, metrics):
     print(f"\n{'arch':<8}{'fold':>5}{'best epoch':>12}{'val acc':>10}{'seconds':>10}")
     for r in results:
-        print(f"{r.arch:<8}{r.fold:>5}{r.best_epoch:>12}{r.best_val_acc:>10.4f}{r.train_seconds:>10.1f}")
+        print(f"{r['arch']:<8}{r['fold']:>5}{r['best_epoch']:>12}{r['best_val_acc']:>10.4f}{r['train_seconds']:>10.1f}")
     views = "4-view TTA" if cfg.tta else "no TTA"
     if oof_acc:
         print("out-of-fold accuracy (" + views + "): " + "  ".join(f"{k} {v:.4f}" for k, v in oof_acc.items()))
