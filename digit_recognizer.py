@@ -1532,7 +1532,7 @@ def parse_args(argv=None):
     given, unknown = parser.parse_known_args(argv)
     if unknown:
         print(f"ignoring unknown arguments: {' '.join(unknown)}", file=sys.stderr)
-    given = vars(given)
+    given = {name: tuple(value) if isinstance(value, list) else value for name, value in vars(given).items()}
     cfg = Config(**{**(DEMO if given.get("demo") else {}), **given})
     for field in dataclasses.fields(Config):
         value, valid = getattr(cfg, field.name), field.metadata["valid"]
@@ -1540,8 +1540,6 @@ def parse_args(argv=None):
             raise InputError(f"--{field.name.replace('_', '-')} must be {valid[0]}")
     if not all(0 <= k < cfg.folds for k in cfg.fold):
         raise InputError(f"--fold: folds are numbered 0 to {cfg.folds - 1} (--folds {cfg.folds})")
-    if isinstance(cfg.predict, list):
-        cfg.predict = tuple(cfg.predict)
     return cfg
 
 
