@@ -1318,6 +1318,15 @@ def train_process(rank, cfg, world, port):
     if "OMP_NUM_THREADS" not in os.environ:  # the cores, shared among the processes
         torch.set_num_threads(max(1, torch.get_num_threads() // world))
     signal.signal(signal.SIGTERM, _interrupt)
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        # Started with SIGINT ignored (a shell's background job, nohup), which we inherit: yet torch has Linux send
+        # SIGINT when the launching process dies. Heed that one, from a dead launcher, and ignore a Ctrl-C as asked.
+        launcher = os.getppid()
+
+        def interrupt_once_orphaned(signum, frame):
+            if os.getppid() != launcher:  # Linux has given us to another parent
+                _interrupt(signum, frame)
+        signal.signal(signal.SIGINT, interrupt_once_orphaned)
     try:
         run(cfg)
     except InputError as e:

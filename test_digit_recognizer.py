@@ -1496,6 +1496,37 @@ def test_a_sigkill_to_the_command_leaves_none_of_its_processes_running(small_dir
     assert not list((tmp_path / "checkpoints").glob("*.tmp*"))
 
 
+def sigint_ignored(pid):
+    """Whether process pid ignores SIGINT (Linux's /proc)."""
+    with open(f"/proc/{pid}/status") as f:
+        ignored = next(int(line.split()[1], 16) for line in f if line.startswith("SigIgn:"))
+    return bool(ignored >> (signal.SIGINT - 1) & 1)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's /proc and PR_SET_PDEATHSIG")
+def test_a_sigkill_stops_the_processes_of_a_command_a_shell_started_in_the_background(small_dir, tmp_path):
+    """A script's `python digit_recognizer.py ... &` runs with SIGINT ignored, and so would its processes, while the
+    signal torch has Linux send them when the command dies is SIGINT. Their jobs here are far longer than the wait."""
+    args = long_run_args(small_dir, tmp_path, "--processes", "2", "--epochs", "1000", "--patience", "1000")
+    shell = subprocess.Popen(["sh", "-c", '"$@" & echo $!; wait', "sh", sys.executable, SCRIPT, *args],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    command = int(shell.stdout.readline())
+    states = [tmp_path / "checkpoints" / f"wide_fold{fold}.state.pt" for fold in (0, 1)]
+    deadline = time.time() + 120
+    while not all(state.exists() for state in states) and shell.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    processes = children(command)
+    assert sigint_ignored(command) and len(still_running(processes, seconds=0)) >= 2
+    os.kill(command, signal.SIGKILL)
+    shell.wait(timeout=60)
+    orphans = still_running(processes, seconds=20)
+    for pid in orphans:  # nothing left to train for the rest of the suite
+        os.kill(pid, signal.SIGKILL)
+    assert not orphans, "the training processes outlived the command"
+    assert all(torch.load(state, weights_only=True)["epoch"] >= 1 for state in states)  # whole, and continuable
+    assert not (tmp_path / "submission.csv").exists() and not list((tmp_path / "checkpoints").glob("*.tmp*"))
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's /proc")
 def test_when_one_process_is_killed_the_other_stops_and_the_command_exits_128_plus_the_signal(small_dir, tmp_path):
     command, processes, states = start_two_processes(small_dir, tmp_path, epochs=40, stderr=subprocess.PIPE, text=True)
