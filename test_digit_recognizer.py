@@ -1,8 +1,10 @@
-"""Tests for digit_recognizer.py: a few minutes on two CPU cores. Those that need a GPU have `cuda` in their names
-and are skipped without one.
+"""Tests for digit_recognizer.py: a few minutes on two CPU cores, or under a minute without the tests marked slow (the
+longer runs, the resumes and the tests that start the script as a process). Those that need a GPU have `cuda` in
+their names and are skipped without one.
 
-    pytest test_digit_recognizer.py
-    pytest test_digit_recognizer.py -k cuda     # on a machine with a CUDA GPU
+    pytest test_digit_recognizer.py                  # everything: what CI runs
+    pytest test_digit_recognizer.py -m "not slow"    # the edit-test loop: still fails on any broken recipe promise
+    pytest test_digit_recognizer.py -k cuda          # on a machine with a CUDA GPU
 """
 import copy
 import dataclasses
@@ -338,6 +340,7 @@ def smoke_run(digits_dir, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_smoke_run_writes_a_valid_submission(smoke_run, digits_dir):
     submission = pd.read_csv(smoke_run / "submission.csv")
     assert list(submission.columns) == ["ImageId", "Label"]
@@ -347,6 +350,7 @@ def test_smoke_run_writes_a_valid_submission(smoke_run, digits_dir):
     assert (submission["Label"] == truth).mean() > 0.6
 
 
+@pytest.mark.slow
 def test_smoke_run_out_of_fold_accuracy_is_far_above_chance(smoke_run):
     oof = pd.read_csv(smoke_run / "oof.csv")
     assert list(oof.columns) == ["index", "label", "pred"] + [f"p{d}" for d in range(10)]
@@ -363,6 +367,7 @@ def test_smoke_run_out_of_fold_accuracy_is_far_above_chance(smoke_run):
     assert metrics["train_images_per_second"] > 0 and "torch" in metrics["versions"]
 
 
+@pytest.mark.slow
 def test_metrics_say_where_the_wall_time_went(smoke_run):
     metrics = json.loads((smoke_run / "metrics.json").read_text())
     parts = [metrics[key] for key in ("setup_seconds", "train_seconds", "predict_seconds")]
@@ -371,6 +376,7 @@ def test_metrics_say_where_the_wall_time_went(smoke_run):
     assert metrics["test_tta_images_per_second"] > 0
 
 
+@pytest.mark.slow
 def test_checkpoints_record_their_job_and_recipe(smoke_run):
     _, state = dr.load_checkpoint(str(smoke_run / "checkpoints" / "wide_fold0.pt"))
     assert (state["arch"], state["fold"]) == ("wide", 0)
@@ -402,6 +408,7 @@ def test_a_job_does_not_depend_on_the_jobs_before_it(small_dir, both_archs_run, 
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision,name", [("float32", "float32"), ("bfloat16", "bfloat16 autocast")])
 def test_precision_option_trains_in_that_precision(precision, name, small_dir, both_archs_run, tmp_path):
     assert dr.main(tiny_args(small_dir, tmp_path, "--archs", "wide", "--precision", precision)) == 0
@@ -484,7 +491,7 @@ def test_the_finished_checkpoint_holds_the_best_epochs_weights(early_stop_run, s
     assert dipped  # a job whose last epoch was worse than its best: the last epoch's weights would fail above
 
 
-@pytest.mark.parametrize("run", ["early_stop_run", "smoke_run"])
+@pytest.mark.parametrize("run", ["early_stop_run", pytest.param("smoke_run", marks=pytest.mark.slow)])
 def test_validation_runs_in_eval_mode_so_a_checkpoint_repeats_its_accuracy(run, request, small_dir, digits_dir):
     """Dropout off, BatchNorm's running statistics: the accuracy recorded for each epoch is a function of the weights,
     so the kept weights give back exactly the accuracy they were kept for."""
@@ -647,6 +654,7 @@ def test_with_no_data_several_candidate_folders_exit_2_listing_them(small_dir, t
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_import_does_no_work(tmp_path):
     code = "import digit_recognizer, os; print(len(os.listdir('.')))"
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
@@ -817,6 +825,7 @@ def test_unwritable_output_is_reported_before_training(small_dir, tmp_path, caps
     assert err.startswith(f"error: {blocker / 'out'}: output directory cannot be written") and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_bad_input_from_the_command_line_has_no_traceback(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
@@ -836,6 +845,7 @@ def test_bad_input_from_the_command_line_has_no_traceback(tmp_path):
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_pictures_are_written_as_readable_pngs(smoke_run):
     from matplotlib.image import imread
     for name in dr.PICTURES:
@@ -862,6 +872,7 @@ def test_tiles_figure_puts_picture_k_in_row_k_over_columns_and_its_title_above_i
     assert np.isnan(canvas).sum() == canvas.size - 5 * 28 * 28
 
 
+@pytest.mark.slow
 def test_pictures_are_skipped_in_one_line_without_matplotlib(small_dir, tmp_path, monkeypatch, capsys):
     for module in ("matplotlib", "matplotlib.colors", "matplotlib.figure", "matplotlib.ticker"):
         monkeypatch.setitem(sys.modules, module, None)  # makes "import matplotlib..." raise ImportError
@@ -1023,6 +1034,7 @@ def test_a_number_is_read_left_to_right_one_frame_per_digit(count, mnist_test_di
     assert (match.argmax(1) == np.arange(count)).all(), match.round(2)
 
 
+@pytest.mark.slow
 def test_the_smoke_model_reads_photos_nearly_as_well_as_plain_digits(phone_photos, smoke_run):
     models = dr.load_ensemble(str(smoke_run), torch.device("cpu"))
     def accuracy(frames, labels):
@@ -1036,6 +1048,7 @@ def test_the_smoke_model_reads_photos_nearly_as_well_as_plain_digits(phone_photo
     assert np.mean(list(read.values())) >= 0.8 * plain and min(read.values()) >= 0.65 * plain, (read, plain)
 
 
+@pytest.mark.slow
 def test_predict_prints_a_number_with_each_digits_probability_and_draws_what_it_saw(mnist_test_digits, smoke_run,
                                                                                      tmp_path, capsys):
     frames, _ = mnist_test_digits
@@ -1059,6 +1072,7 @@ def test_predict_prints_a_number_with_each_digits_probability_and_draws_what_it_
         assert picture.format == "PNG" and picture.width > 300
 
 
+@pytest.mark.slow
 def test_blank_pages_and_non_images_are_reported_and_the_rest_still_read(phone_photos, smoke_run, tmp_path, capsys):
     paths, _, _ = phone_photos["plain"]
     blank = tmp_path / "blank.jpg"
@@ -1087,6 +1101,7 @@ def test_predict_without_checkpoints_says_how_to_train(phone_photos, tmp_path, c
 # The 28x28 Kaggle family: Kannada-MNIST's id column, Fashion-MNIST's pixel1.. names, sample_submission.csv
 
 
+@pytest.mark.slow
 def test_id_column_and_pixel1_names_give_an_id_label_submission(small_dir, tmp_path):
     data = tmp_path / "kannada"
     data.mkdir()
@@ -1104,6 +1119,7 @@ def test_id_column_and_pixel1_names_give_an_id_label_submission(small_dir, tmp_p
     assert submission["label"].between(0, 9).all()
 
 
+@pytest.mark.slow
 def test_sample_submission_decides_the_column_names(small_dir, tmp_path):
     data = tmp_path / "data"
     data.mkdir()
@@ -1185,6 +1201,7 @@ def start_until_first_epoch_saved(data, out, make_args=long_run_args, **popen_op
     return process, state
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_mid_epoch_gives_identical_outputs(small_dir, tmp_path, uninterrupted_run, uninterrupted,
                                                                  capsys):
     process, state = start_until_first_epoch_saved(small_dir, tmp_path, stderr=subprocess.DEVNULL)
@@ -1199,6 +1216,7 @@ def test_resume_after_sigkill_mid_epoch_gives_identical_outputs(small_dir, tmp_p
     assert training_curves(tmp_path) == training_curves(uninterrupted_run)
 
 
+@pytest.mark.slow
 def test_state_saved_by_a_graphed_gpu_run_resumes_on_the_cpu(small_dir, tmp_path, uninterrupted_run, capsys):
     """A Kaggle GPU session ends and the run goes on elsewhere. The state holds a graphed run's AdamW (capturable, a
     float32 device-tensor learning rate), which the CPU refuses unless this session chooses its own, and CUDA
@@ -1235,6 +1253,7 @@ def float16_run(small_dir, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_float16_run_records_float16_in_checkpoints_and_metrics(float16_run):
     metrics = json.loads((float16_run / "metrics.json").read_text())
     assert metrics["precision"] == "float16 autocast"
@@ -1244,6 +1263,7 @@ def test_float16_run_records_float16_in_checkpoints_and_metrics(float16_run):
     assert all(v.dtype in (torch.float32, torch.int64) for v in state["model"].values())  # weights stay float32
 
 
+@pytest.mark.slow
 def test_float16_resume_after_sigkill_is_byte_identical(small_dir, tmp_path, float16_run, capsys):
     process, state = start_until_first_epoch_saved(small_dir, tmp_path, float16_args, stderr=subprocess.DEVNULL)
     process.send_signal(signal.SIGKILL)
@@ -1279,6 +1299,7 @@ def test_float16_step_whose_gradients_overflow_is_skipped_and_the_scale_drops(di
     assert not all(torch.equal(p, before[name]) for name, p in model.named_parameters())
 
 
+@pytest.mark.slow
 def test_sigterm_stops_cleanly_with_a_line_saying_how_to_continue(small_dir, tmp_path):
     process, state = start_until_first_epoch_saved(small_dir, tmp_path, stderr=subprocess.PIPE, text=True)
     process.send_signal(signal.SIGTERM)  # what Kaggle or a scheduler sends at the time limit
@@ -1289,6 +1310,7 @@ def test_sigterm_stops_cleanly_with_a_line_saying_how_to_continue(small_dir, tmp
     assert state.exists() and not (tmp_path / "submission.csv").exists()
 
 
+@pytest.mark.slow
 def test_resume_after_interrupt_during_checkpoint_write(small_dir, tmp_path, uninterrupted_run, uninterrupted,
                                                         monkeypatch, capsys):
     real_save, calls = dr.torch_save, []
@@ -1319,6 +1341,7 @@ def test_resume_after_interrupt_during_checkpoint_write(small_dir, tmp_path, uni
     assert not list(checkpoints.glob("*.tmp*"))
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_line_and_the_same_command_then_continues(small_dir, tmp_path, uninterrupted_run,
                                                                       uninterrupted, monkeypatch, capsys):
     real_save, calls = dr.torch_save, []
@@ -1350,12 +1373,14 @@ def test_torch_save_reports_a_full_disk_as_the_oserror_it_is():
     assert error.value.errno == errno.ENOSPC
 
 
+@pytest.mark.slow
 def test_a_finished_run_skips_its_jobs(small_dir, uninterrupted_run, uninterrupted, capsys):
     assert dr.main(long_run_args(small_dir, uninterrupted_run)) == 0
     assert capsys.readouterr().out.count("finished earlier: skipped") == 2
     assert output_bytes(uninterrupted_run) == uninterrupted
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("changed,difference", [(["--seed", "7"], "seed 42 -> 7"), (["--epochs", "2"], "epochs 1 -> 2"),
                                                 (["--limit", "200"], "limit None -> 200")])
 def test_a_changed_recipe_in_the_same_out_exits_2(changed, difference, small_dir, tmp_path, capsys):
@@ -1368,6 +1393,7 @@ def test_a_changed_recipe_in_the_same_out_exits_2(changed, difference, small_dir
     assert dr.main(base + changed + ["--fresh"]) == 0
 
 
+@pytest.mark.slow
 def test_device_and_tta_options_do_not_count_as_a_new_recipe(small_dir, tmp_path):
     assert dr.main(long_run_args(small_dir, tmp_path, "--epochs", "1")) == 0
     assert dr.main(long_run_args(small_dir, tmp_path, "--epochs", "1", "--no-tta", "--device", "auto",
@@ -1384,6 +1410,7 @@ def test_a_corrupt_finished_checkpoint_exits_2_naming_it(small_dir, tmp_path, ca
     assert err.startswith(f"error: {checkpoint}: not a readable checkpoint") and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_a_corrupt_in_progress_state_is_redone(small_dir, tmp_path, uninterrupted, capsys):
     (tmp_path / "checkpoints").mkdir(parents=True)
     (tmp_path / "checkpoints" / "wide_fold0.state.pt").write_bytes(b"\x00garbage")
@@ -1392,6 +1419,7 @@ def test_a_corrupt_in_progress_state_is_redone(small_dir, tmp_path, uninterrupte
     assert output_bytes(tmp_path) == uninterrupted
 
 
+@pytest.mark.slow
 def test_fold_runs_merged_by_predict_only_equal_one_full_run(small_dir, tmp_path, uninterrupted, capsys):
     assert dr.main(long_run_args(small_dir, tmp_path, "--fold", "1")) == 0
     assert "missing jobs, left out of the ensemble: wide_fold0" in capsys.readouterr().out
@@ -1409,6 +1437,7 @@ def test_predict_only_without_checkpoints_exits_2(small_dir, tmp_path, capsys):
     assert err.count("\n") == 1 and "no finished checkpoints" in err
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_equal_one_process(small_dir, tmp_path, uninterrupted):
     """--processes 2 trains each job in a process of its own: the outputs of one process with as many threads."""
     threads = {"OMP_NUM_THREADS": str(torch.get_num_threads())}  # what the one process of `uninterrupted` had
@@ -1485,6 +1514,7 @@ def start_two_processes(data, out, epochs=3, **popen_options):
     return command, children(command.pid), states
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's /proc and PR_SET_PDEATHSIG")
 def test_a_sigkill_to_the_command_leaves_none_of_its_processes_running(small_dir, tmp_path):
     command, processes, states = start_two_processes(small_dir, tmp_path, stderr=subprocess.DEVNULL)
@@ -1503,6 +1533,7 @@ def sigint_ignored(pid):
     return bool(ignored >> (signal.SIGINT - 1) & 1)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's /proc and PR_SET_PDEATHSIG")
 def test_a_sigkill_stops_the_processes_of_a_command_a_shell_started_in_the_background(small_dir, tmp_path):
     """A script's `python digit_recognizer.py ... &` runs with SIGINT ignored, and so would its processes, while the
@@ -1527,6 +1558,7 @@ def test_a_sigkill_stops_the_processes_of_a_command_a_shell_started_in_the_backg
     assert not (tmp_path / "submission.csv").exists() and not list((tmp_path / "checkpoints").glob("*.tmp*"))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's /proc")
 def test_when_one_process_is_killed_the_other_stops_and_the_command_exits_128_plus_the_signal(small_dir, tmp_path):
     command, processes, states = start_two_processes(small_dir, tmp_path, epochs=40, stderr=subprocess.PIPE, text=True)
@@ -1539,6 +1571,7 @@ def test_when_one_process_is_killed_the_other_stops_and_the_command_exits_128_pl
     assert all(state.exists() for state in states)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's /proc")
 def test_sigterm_to_several_processes_saves_each_and_says_once_how_to_continue(small_dir, tmp_path):
     command, processes, states = start_two_processes(small_dir, tmp_path, epochs=40, stderr=subprocess.PIPE, text=True)
@@ -1584,6 +1617,7 @@ def kaggle_sized_csv(path, rows, label=False):
     path.write_text(header + "\n" + (row + "\n") * rows)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["test.csv cut short", "a damaged cell far down train.csv"])
 def test_a_fault_in_kaggle_sized_files_is_one_line(fault, tmp_path, capsys):
     """Read in chunks, pandas warned of a column's "mixed types" (two lines, or for a cut file 5,000 characters of
