@@ -536,6 +536,19 @@ def test_the_folds_of_an_architecture_start_from_different_weights(both_archs_ru
         assert (weights[0][first_layer] - weights[1][first_layer]).abs().mean() > 0.05
 
 
+def test_the_folds_are_stratified_and_shuffled_with_the_seed(small_dir, tmp_path):
+    """Each fold's validation rows are scikit-learn's shuffled stratified split for --seed: another seed draws other
+    rows, and no fold is a block of consecutive rows of train.csv."""
+    def validation_folds(seed):
+        cfg = dr.parse_args(tiny_args(small_dir, tmp_path, "--folds", "3", "--seed", str(seed)))
+        return [rows.numpy() for _, rows in dr.load_data(cfg, torch.device("cpu")).folds]
+    for seed in (42, 7):
+        expected = [rows for _, _, rows in validation_rows(small_dir, folds=3, seed=seed)]
+        assert all(np.array_equal(a, b) for a, b in zip(validation_folds(seed), expected, strict=True))
+    assert not any(np.array_equal(a, b) for a, b in zip(validation_folds(42), validation_folds(7)))
+    assert all(np.diff(rows).max() > 1 and rows.min() < 40 and rows.max() > 200 for rows in validation_folds(42))
+
+
 def test_the_training_loss_is_cross_entropy_with_label_smoothing(digit_images):
     """The loss train_step reports, against the smoothed cross-entropy of the same forward pass (the same
     augmentation draws and dropout masks) computed here."""
@@ -600,6 +613,15 @@ def test_with_no_data_the_competition_folder_comes_before_any_other(competition,
     copy_data(small_dir, tmp_path / "input" / "datasets" / "someone" / "mnist-in-csv")  # a dataset beside it
     monkeypatch.setattr(dr, "KAGGLE_INPUT", str(tmp_path / "input"))
     assert dr.resolve_data_dir(dr.Config()) == str(folder)
+
+
+def test_with_both_mounts_the_2026_competition_folder_wins(small_dir, tmp_path, monkeypatch):
+    """A kernel can see both the 2026 mount and the older one (a dataset named digit-recognizer, say): the
+    competition's own 2026 folder is the one read."""
+    mounts = [copy_data(small_dir, tmp_path / "input" / name) for name in ("digit-recognizer",
+                                                                          "competitions/digit-recognizer")]
+    monkeypatch.setattr(dr, "KAGGLE_INPUT", str(tmp_path / "input"))
+    assert dr.resolve_data_dir(dr.Config()) == str(mounts[1])
 
 
 def test_a_script_kernel_trains_on_the_competition_and_ignores_notebook_arguments(small_dir, tmp_path, monkeypatch,
@@ -1473,6 +1495,16 @@ def test_several_processes_check_the_inputs_once_before_starting(tmp_path, capsy
     assert dr.main(tiny_args(data, out, "--processes", "2")) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {expected}") and err.count("\n") == 1
+
+
+def test_several_processes_refuse_a_changed_recipe_in_one_line_before_starting(small_dir, tmp_path, capsys,
+                                                                             monkeypatch):
+    assert dr.main(tiny_args(small_dir, tmp_path, "--archs", "wide", "--fold", "0")) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(torch.multiprocessing, "start_processes", lambda *a, **k: pytest.fail("started processes"))
+    assert dr.main(tiny_args(small_dir, tmp_path, "--archs", "wide", "--processes", "2", "--seed", "7")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "made with a different recipe (seed 42 -> 7)" in err and "--fresh" in err
 
 
 def children(pid):
