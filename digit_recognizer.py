@@ -1022,16 +1022,27 @@ def find_digits(photo):
     from scipy import ndimage
     smooth = ndimage.gaussian_filter(photo, 1.0)  # sensor noise and JPEG blocks
     wide = max(photo.shape) // 6  # wider than any stroke
-    # Ink is the minority, so with the light divided out its tail is the long one: below 1 for dark ink on paper.
-    low, high = np.percentile(smooth / np.maximum(ndimage.gaussian_filter(smooth, wide / 2), 0.02), [0.5, 99.5])
-    if 1 - low > high - 1:
+    # Paper surrounds the writing: the picture's edge is mostly ground, and the ink lies far from it, darker or
+    # lighter. Far as a ratio, which light and shadow multiply alike.
+    band = max(1, min(photo.shape) // 20)
+    edge = np.ones(photo.shape, dtype=bool)
+    edge[band:-band, band:-band] = False
+    ground, darkest, lightest = np.log(np.maximum([np.median(smooth[edge]), *np.percentile(smooth, [0.5, 99.5])],
+                                                  1e-3))
+    if ground - darkest > lightest - ground:
         paper = ndimage.uniform_filter(ndimage.grey_closing(smooth, size=wide), wide // 2)
         ink = 1 - smooth / np.maximum(paper, 0.02)  # the ink's own darkness: light and shadow divide out
     else:  # light ink on a dark ground (a board, a negative, MNIST itself)
         ink = smooth - ndimage.uniform_filter(ndimage.grey_opening(smooth, size=wide), wide // 2)
-    for line in ((1, ink.shape[1] // 2), (ink.shape[0] // 2, 1)):  # ruled or squared paper: long straight lines
-        ink = ink - ndimage.grey_opening(ink, size=line)
-    noise = np.median(ink) + 6 * 1.4826 * np.median(np.abs(ink - np.median(ink)))
+    # Ruled or squared paper: a line runs straight across much of the page and is thin. A stroke as long (the bar of
+    # a 7, the stem of a 1 filling the picture) belongs to a digit that large, and is as thick as its pen: it stays.
+    thin = max(2, max(ink.shape) // 50)
+    for run, across in (((1, ink.shape[1] // 2), (thin, 1)), ((ink.shape[0] // 2, 1), (1, thin))):
+        lines = ndimage.grey_opening(ink, size=run)
+        ink = ink - (lines - ndimage.grey_opening(lines, size=across))
+    # The paper's level and noise, from the lower quantiles (a close-up digit can cover nearly half the picture).
+    p10, p25 = np.percentile(ink, [10, 25])
+    noise = p25 + 6.7 * (p25 - p10) / 0.61  # 6 standard deviations above the paper's level, for Gaussian noise
     peak = np.percentile(ink, 99.5)
     if peak < max(0.08, 2 * noise):
         return []

@@ -1006,6 +1006,45 @@ def test_reader_frames_each_photographed_digit_as_mnist_frames_it(kind, phone_ph
     assert len(scores) >= 0.9 * len(paths) and np.mean(scores) > 0.85 and np.median(scores) > 0.9, scores
 
 
+def close_up(frame, fill, rng, size=(400, 400), lines=None, shadow=False):
+    """One MNIST digit photographed close up: dark ink on lit paper (ruled or squared if asked, with a shadow if asked)
+    and sensor noise, the ink's longer side `fill` of the picture's height, centred. Returns (H, W) uint8."""
+    from scipy import ndimage
+    frame = np.asarray(frame, dtype=np.float64)
+    rows, cols = np.flatnonzero(frame.max(1) > 0.1), np.flatnonzero(frame.max(0) > 0.1)
+    ink = frame[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    big = ndimage.zoom(ink, fill * size[0] / max(ink.shape), order=1).clip(0, 1)[:size[0], :size[1]]
+    top, left = (size[0] - big.shape[0]) // 2, (size[1] - big.shape[1]) // 2
+    paper = phone_photo([np.zeros((28, 28))], rng, size=size, noise=0, shadow=shadow, lines=lines) / 255  # no ink
+    page = np.zeros(size)
+    page[top:top + big.shape[0], left:left + big.shape[1]] = big
+    photo = paper * (1 - 0.85 * page) + rng.normal(0, 6 / 255, size)
+    return (photo.clip(0, 1) * 255).round().astype(np.uint8)
+
+
+def framed_whole(path, source):
+    """'whole' when the picture gives one frame like its source digit's MNIST frame, else what went wrong."""
+    digits = dr.find_digits(dr.read_photo(str(path)))
+    if len(digits) != 1:
+        return "split" if digits else "none"
+    return "whole" if correlation(digits[0][1], dr.to_mnist_frame(source)) > 0.8 else "a part"
+
+
+@pytest.mark.parametrize("fill", [0.8, 0.95])
+def test_a_digit_that_fills_the_picture_is_framed_whole(fill, mnist_test_digits, tmp_path):
+    """One of each digit, the 1's stem, the 4's bar and the 0's sides longer than half the picture, on ruled paper:
+    the lines go and every stroke stays."""
+    frames, labels = mnist_test_digits
+    rng = np.random.default_rng(0)
+    outcomes = {}
+    for digit in range(10):
+        index = np.flatnonzero(labels == digit)[0]
+        path = tmp_path / f"{digit}.png"
+        save_photo(close_up(frames[index], fill, rng, lines="ruled"), path)
+        outcomes[digit] = framed_whole(path, frames[index])
+    assert all(outcome == "whole" for outcome in outcomes.values()), outcomes
+
+
 def test_a_tiny_photo_is_read_too(mnist_test_digits, tmp_path):
     frames, _ = mnist_test_digits
     path = tmp_path / "tiny.png"
