@@ -1022,14 +1022,13 @@ def find_digits(photo):
     from scipy import ndimage
     smooth = ndimage.gaussian_filter(photo, 1.0)  # sensor noise and JPEG blocks
     wide = max(photo.shape) // 6  # wider than any stroke
-    # Paper surrounds the writing: the picture's edge is mostly ground, and the ink lies far from it, darker or
-    # lighter. Far as a ratio, which light and shadow multiply alike.
+    # Paper surrounds the writing, so the picture's edge is mostly ground, and the ink lies far from it: dark ink if
+    # the ground is nearer the lightest level than the darkest, as a ratio (light and shadow multiply levels alike).
     band = max(1, min(photo.shape) // 20)
     edge = np.ones(photo.shape, dtype=bool)
     edge[band:-band, band:-band] = False
-    ground, darkest, lightest = np.log(np.maximum([np.median(smooth[edge]), *np.percentile(smooth, [0.5, 99.5])],
-                                                  1e-3))
-    if ground - darkest > lightest - ground:
+    darkest, lightest = np.maximum(np.percentile(smooth, [0.5, 99.5]), 1e-3)
+    if np.median(smooth[edge]) > np.sqrt(darkest * lightest):
         paper = ndimage.uniform_filter(ndimage.grey_closing(smooth, size=wide), wide // 2)
         ink = 1 - smooth / np.maximum(paper, 0.02)  # the ink's own darkness: light and shadow divide out
     else:  # light ink on a dark ground (a board, a negative, MNIST itself)

@@ -1214,6 +1214,9 @@ def long_run_args(data, out, *extra):
             "--batch-size", "32", "--device", "cpu", *extra]
 
 
+THREADS = {"OMP_NUM_THREADS": str(torch.get_num_threads())}  # each of several processes as many as one process has
+
+
 def run_script(args, env=None):
     return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=300)
@@ -1501,8 +1504,7 @@ def test_predict_only_without_checkpoints_exits_2(small_dir, tmp_path, capsys):
 @pytest.mark.slow
 def test_two_cpu_processes_equal_one_process(small_dir, tmp_path, uninterrupted):
     """--processes 2 trains each job in a process of its own: the outputs of one process with as many threads."""
-    threads = {"OMP_NUM_THREADS": str(torch.get_num_threads())}  # what the one process of `uninterrupted` had
-    double = run_script(long_run_args(small_dir, tmp_path, "--processes", "2"), env=threads)
+    double = run_script(long_run_args(small_dir, tmp_path, "--processes", "2"), env=THREADS)
     assert double.returncode == 0, double.stderr
     assert double.stdout.startswith("spreading the jobs over 2 processes\n")
     assert "[rank 0] wide   fold 1/2" in double.stdout and "[rank 1] wide   fold 2/2" in double.stdout
@@ -1574,27 +1576,38 @@ def still_running(pids, seconds=60):
     return [pid for pid in pids if state(pid) not in ("Z", "gone")]
 
 
-def start_two_processes(data, out, epochs=3, **popen_options):
-    """A --processes 2 run in the background, returned once both jobs have saved an epoch, with its processes."""
-    args = long_run_args(data, out, "--processes", "2", "--epochs", str(epochs), "--patience", str(epochs))
-    command = subprocess.Popen([sys.executable, SCRIPT, *args], stdout=subprocess.DEVNULL, **popen_options)
+def start_two_processes(data, out, epochs=3, in_background=False, **popen_options):
+    """A --processes 2 run with the threads of one process, returned once both jobs have saved an epoch: (what was
+    started, the command's pid, its processes, the jobs' states). in_background: started as a shell script's
+    `command &` is, with SIGINT ignored."""
+    command = [sys.executable, SCRIPT, *long_run_args(data, out, "--processes", "2", "--epochs", str(epochs),
+                                                      "--patience", str(epochs))]
+    if in_background:
+        command = ["sh", "-c", '"$@" & echo $!; wait', "sh", *command]
+    started = subprocess.Popen(command, stdout=subprocess.PIPE if in_background else subprocess.DEVNULL,
+                               env={**os.environ, **THREADS}, **popen_options)
+    pid = int(started.stdout.readline()) if in_background else started.pid
     states = [out / "checkpoints" / f"wide_fold{fold}.state.pt" for fold in (0, 1)]
-    deadline = time.time() + 120
-    while not all(state.exists() for state in states) and command.poll() is None and time.time() < deadline:
+    deadline = time.time() + 300  # a loaded machine starts them slowly
+    while not all(state.exists() for state in states) and started.poll() is None and time.time() < deadline:
         time.sleep(0.01)
-    return command, children(command.pid), states
+    return started, pid, children(pid), states
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's /proc and PR_SET_PDEATHSIG")
-def test_a_sigkill_to_the_command_leaves_none_of_its_processes_running(small_dir, tmp_path):
-    command, processes, states = start_two_processes(small_dir, tmp_path, stderr=subprocess.DEVNULL)
+def test_a_sigkill_to_the_command_leaves_none_of_its_processes_running_and_the_same_command_continues(
+        small_dir, tmp_path, uninterrupted, capsys):
+    command, _, processes, states = start_two_processes(small_dir, tmp_path, stderr=subprocess.DEVNULL)
     assert len(still_running(processes, seconds=0)) >= 2  # the two that train (and multiprocessing's resource tracker)
     command.send_signal(signal.SIGKILL)
     command.wait()
     assert not still_running(processes) and not (tmp_path / "submission.csv").exists()
     assert all(torch.load(state, weights_only=True)["epoch"] >= 1 for state in states)  # whole, and continuable
     assert not list((tmp_path / "checkpoints").glob("*.tmp*"))
+    again = run_script(long_run_args(small_dir, tmp_path, "--processes", "2", "--patience", "3"), env=THREADS)
+    assert again.returncode == 0 and "resumes after epoch" in again.stdout, again.stderr
+    assert output_bytes(tmp_path) == uninterrupted
 
 
 def sigint_ignored(pid):
@@ -1609,15 +1622,8 @@ def sigint_ignored(pid):
 def test_a_sigkill_stops_the_processes_of_a_command_a_shell_started_in_the_background(small_dir, tmp_path):
     """A script's `python digit_recognizer.py ... &` runs with SIGINT ignored, and so would its processes, while the
     signal torch has Linux send them when the command dies is SIGINT. Their jobs here are far longer than the wait."""
-    args = long_run_args(small_dir, tmp_path, "--processes", "2", "--epochs", "1000", "--patience", "1000")
-    shell = subprocess.Popen(["sh", "-c", '"$@" & echo $!; wait', "sh", sys.executable, SCRIPT, *args],
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    command = int(shell.stdout.readline())
-    states = [tmp_path / "checkpoints" / f"wide_fold{fold}.state.pt" for fold in (0, 1)]
-    deadline = time.time() + 120
-    while not all(state.exists() for state in states) and shell.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    processes = children(command)
+    shell, command, processes, states = start_two_processes(small_dir, tmp_path, epochs=1000, in_background=True,
+                                                            stderr=subprocess.DEVNULL)
     assert sigint_ignored(command) and len(still_running(processes, seconds=0)) >= 2
     os.kill(command, signal.SIGKILL)
     shell.wait(timeout=60)
@@ -1632,7 +1638,8 @@ def test_a_sigkill_stops_the_processes_of_a_command_a_shell_started_in_the_backg
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's /proc")
 def test_when_one_process_is_killed_the_other_stops_and_the_command_exits_128_plus_the_signal(small_dir, tmp_path):
-    command, processes, states = start_two_processes(small_dir, tmp_path, epochs=40, stderr=subprocess.PIPE, text=True)
+    command, _, processes, states = start_two_processes(small_dir, tmp_path, epochs=40, stderr=subprocess.PIPE,
+                                                        text=True)
     trainers = [pid for pid in processes if "resource_tracker" not in open(f"/proc/{pid}/cmdline").read()]
     assert len(trainers) == 2
     os.kill(trainers[0], signal.SIGKILL)  # as the kernel's out-of-memory killer would
@@ -1645,7 +1652,8 @@ def test_when_one_process_is_killed_the_other_stops_and_the_command_exits_128_pl
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's /proc")
 def test_sigterm_to_several_processes_saves_each_and_says_once_how_to_continue(small_dir, tmp_path):
-    command, processes, states = start_two_processes(small_dir, tmp_path, epochs=40, stderr=subprocess.PIPE, text=True)
+    command, _, processes, states = start_two_processes(small_dir, tmp_path, epochs=40, stderr=subprocess.PIPE,
+                                                        text=True)
     command.send_signal(signal.SIGTERM)
     _, err = command.communicate(timeout=120)
     assert command.returncode == 130
