@@ -17,17 +17,22 @@ folder under /kaggle/input and writes to the working directory. An interrupted r
 when the same command is run again in the same --out.
 """
 import argparse
+import contextlib
 import copy
 import dataclasses
 import datetime
+import difflib
+import fnmatch
 import glob
 import hashlib
+import importlib.metadata
 import io
 import itertools
 import json
 import logging
 import math
 import os
+import pathlib
 import platform
 import signal
 import socket
@@ -82,24 +87,27 @@ def option(default, help, valid=None, **argparse_options):
 AT_LEAST_1 = ("at least 1", lambda value: value >= 1)
 
 
+def between(low, high):
+    return (f"from {low} to {high}", lambda value: low <= value <= high)
+
+
 @dataclass
 class Config:
-    data: str | None = option(None, "directory with train.csv and test.csv (default: the competition's folder under "
-                                    "/kaggle/input, else the one folder there that holds both)", metavar="DIR")
-    out: str = option(".", "where submission.csv, oof.csv, metrics.json, the pictures and checkpoints/ go",
-                      metavar="DIR")
+    data: str | None = option(None, "directory with train.csv and test.csv (default: Kaggle's, found in /kaggle/input)",
+                              metavar="DIR")
+    out: str = option(".", "where submission.csv, oof.csv, metrics.json, pictures, checkpoints/ go", metavar="DIR")
     limit: int | None = option(None, "use only the first N rows of train.csv", AT_LEAST_1, type=int, metavar="N")
     demo: bool = option(False, "no download: train and test on scikit-learn's bundled digits, with a short schedule")
-    archs: tuple[str, ...] = option(("resnet", "wide"), "comma list of resnet, wide", type=arch_list,
-                                    metavar="LIST")
+    archs: tuple[str, ...] = option(("resnet", "wide"), "comma list of resnet, wide", type=arch_list, metavar="LIST")
     folds: int = option(5, "stratified folds, i.e. models per architecture", ("at least 2", lambda k: k >= 2))
-    epochs: int = option(30, "training epochs per job", AT_LEAST_1)
-    batch_size: int = option(128, "training batch size", ("at least 2", lambda size: size >= 2))
+    epochs: int = option(30, "training epochs per job", between(1, 10_000))
+    batch_size: int = option(128, "training batch size", between(2, 65_536))
     lr: float = option(1e-3, "AdamW learning rate, cosine-annealed over the epochs", ("positive", lambda lr: lr > 0))
     weight_decay: float = option(1e-4, "AdamW weight decay", ("not negative", lambda decay: decay >= 0))
     label_smoothing: float = option(0.1, "cross-entropy label smoothing", ("in [0, 1)", lambda eps: 0 <= eps < 1))
     patience: int = option(10, "stop a job after this many epochs without a better validation accuracy", AT_LEAST_1)
-    seed: int = option(42, "seeds the folds and every job's initialisation, shuffling and augmentation")
+    seed: int = option(42, "seeds the folds and every job's initialisation, shuffling and augmentation",
+                       between(0, 2**32 - 1))
     device: str = option("auto", "auto picks cuda, then mps, then cpu", choices=["auto", "cpu", "cuda", "mps"])
     precision: str = option("auto", "auto: bfloat16 autocast on GPUs with bfloat16 units, on CPUs with AMX and on AMD "
                                     "CPUs with AVX512-BF16; float16 with loss scaling on older GPUs; float32 elsewhere",
@@ -109,12 +117,10 @@ class Config:
                                    type=fold_list, metavar="K[,K...]")
     predict_only: bool = option(False, "no training: build the outputs from the finished checkpoints in --out")
     fresh: bool = option(False, "discard the checkpoints and saved training state in --out before starting")
-    processes: int | None = option(None, "spread the jobs over N processes; process k uses GPU k modulo their number "
-                                         "(default: one per GPU when there are several)", AT_LEAST_1, type=int,
-                                   metavar="N")
-    predict: tuple[str, ...] = option((), "read the digit, or the number written in one row, in each image with the "
-                                          "checkpoints in --out instead of training; draws predictions.png there",
-                                      nargs="+", metavar="IMAGE")
+    processes: int | None = option(None, "spread the jobs over N processes, process k on GPU k modulo their number "
+                                         "(default: one per GPU)", AT_LEAST_1, type=int, metavar="N")
+    predict: tuple[str, ...] = option((), "read the digit, or the number in a row, in each image with the checkpoints "
+                                          "in --out; draws predictions.png there", nargs="+", metavar="IMAGE")
     verbose: bool = option(False, "with --predict: also print the top 3 digits")
 
 
@@ -127,15 +133,31 @@ class InputError(Exception):
     """Something wrong with what the user gave us: reported as one line, exit code 2."""
 
 
+def in_notebook():  # a Jupyter kernel: sys.argv holds its own arguments, and a SystemExit prints a traceback
+    return "ipykernel" in sys.modules
+
+
 # -----------------------------------------------------------------------------------------------------------------
 # Data: Kaggle CSVs -> uint8 pixel arrays, every cell checked before any training starts
+
+
+SUBMISSION_LABEL = {"ImageId": "Label", "id": "label"}  # test.csv's id column -> the label's: Digit Recognizer, Kannada
 
 
 def read_digits_csv(path, role):
     """A Kaggle-layout CSV ('train': label + 784 pixels; 'test': 784 pixels, maybe after an id column), pixels taken
     by position -> (pixels uint8 (N, 784), labels int64 (N,) or None, id column (name, values) or None)."""
-    if not os.path.isfile(path):
-        raise InputError(f"{path}: file not found")
+    try:  # files that pandas would misread, or name in its own words: say what they are
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError as e:
+        raise InputError(f"{path}: {'file not found' if isinstance(e, FileNotFoundError) else e.strerror}") from None
+    first_line = head.split(b"\n")[0]
+    kinds = {"gzip-compressed": head[:2] == b"\x1f\x8b", "zip-compressed": head[:4] == b"PK\x03\x04",
+             "UTF-16 (or binary)": b"\x00" in head, "tab-separated": b"\t" in first_line and b"," not in first_line,
+             "semicolon-separated": b";" in first_line and b"," not in first_line}
+    if kind := next((kind for kind, found in kinds.items() if found), None):
+        raise InputError(f"{path}: {kind}; expected a comma-separated UTF-8 CSV, as Kaggle's")
     try:
         # The whole file at once: in chunks, pandas warns of a column's "mixed types" before our one line. No NA
         # parsing, so that a cell reading NA is named as written; a byte that is not UTF-8 reads as U+FFFD.
@@ -144,9 +166,15 @@ def read_digits_csv(path, role):
         raise InputError(f"{path}: file is empty") from None
     except (pd.errors.ParserError, ValueError) as e:
         raise InputError(f"{path}: not a readable CSV ({str(e).strip().splitlines()[-1]})") from None
+    columns = [str(c).strip() for c in frame.columns]
+    if not any(char.isalpha() for c in columns for char in c):
+        raise InputError(f"{path}: the first line is a row of numbers, not a header; Kaggle's files start with "
+                         f"{'label,' if role == 'train' else ''}pixel0,pixel1,...")
     if len(frame) == 0:
         raise InputError(f"{path}: no data rows, only a header")
-    frame.columns = columns = [str(c).strip() for c in frame.columns]
+    if columns[0] == "Unnamed: 0":  # a nameless first column: the index a pandas to_csv wrote
+        frame, columns = frame.iloc[:, 1:], columns[1:]
+    frame.columns = columns
     labels, ids, pixel_columns = None, None, columns
     if role == "train":
         if "label" not in columns:
@@ -160,8 +188,11 @@ def read_digits_csv(path, role):
     elif "label" in columns:
         raise InputError(f"{path}: has a 'label' column; test images must be unlabelled "
                          f"(expected {NUM_PIXELS} pixel columns, optionally after an id column)")
-    elif len(columns) == NUM_PIXELS + 1 and not columns[0].lower().startswith("pixel"):
-        pixel_columns = columns[1:]  # Kannada-MNIST style: an id column first
+    elif len(columns) == NUM_PIXELS + 1:
+        if columns[0] not in SUBMISSION_LABEL:
+            raise InputError(f"{path}: {len(columns)} columns, and the first, {columns[0]!r}, is not an id column of "
+                             f"Kaggle's ({' or '.join(SUBMISSION_LABEL)})")
+        pixel_columns = columns[1:]
         ids = (columns[0], frame[columns[0]].to_numpy())
     if len(pixel_columns) != NUM_PIXELS:
         raise InputError(f"{path}: {len(pixel_columns)} pixel columns, expected {NUM_PIXELS} (28x28)")
@@ -169,8 +200,7 @@ def read_digits_csv(path, role):
 
 
 def _integers(path, frame, high):
-    """The frame's values (N, C) as numbers, or an InputError naming the first cell, in the file's order, that is not
-    an integer in 0-high."""
+    """The frame's values (N, C), or an InputError naming the file's first cell that is not an integer in 0-high."""
     text = frame.select_dtypes(exclude="integer").columns  # where a cell is not a whole number, or is empty
     if len(text) == 0:  # the usual case: pandas read integers everywhere
         values = frame.to_numpy()
@@ -198,10 +228,9 @@ def _integers(path, frame, high):
 
 
 def submission_columns(data_dir, test_ids, n_test):
-    """(id column name, id values, label column name): ImageId from 1 and Label; test.csv's id column and 'label'
-    (Kannada-MNIST); or the names and order of a sample_submission.csv beside the data."""
+    """(id column, its values, label column): Kaggle's layout for test.csv's id column, or sample_submission.csv's."""
     id_name, ids = test_ids if test_ids is not None else ("ImageId", np.arange(1, n_test + 1))
-    label_name = "label" if test_ids is not None else "Label"
+    label_name = SUBMISSION_LABEL[id_name]
     sample_path = os.path.join(data_dir, "sample_submission.csv")
     if not os.path.isfile(sample_path):
         return id_name, ids, label_name
@@ -229,8 +258,7 @@ def to_image_tensor(pixels, device):
 
 
 def affine_maps(angle, translate_x, translate_y, scale, shear_x, size=IMAGE_SIZE):
-    """(B,) parameters in degrees and pixels -> (B, 3, 3) inverse maps equal to torchvision's F.affine
-    (centre of rotation = image centre, shear along x only)."""
+    """(B,) degrees and pixels -> (B, 3, 3) inverse maps equal to torchvision's F.affine (about the centre, x shear)."""
     rot, shear = torch.deg2rad(angle), torch.deg2rad(shear_x)
     # torchvision's _get_inverse_affine_matrix with shear_y = 0: inverse of rotation * scale * shear.
     a, b = torch.cos(rot), -torch.cos(rot) * torch.tan(shear) - torch.sin(rot)
@@ -247,8 +275,7 @@ def affine_maps(angle, translate_x, translate_y, scale, shear_x, size=IMAGE_SIZE
 
 
 def square_to_quad(quads):
-    """(B, 4, 2) corners (top-left, top-right, bottom-right, bottom-left) -> (B, 3, 3) homographies taking the
-    unit square's corners onto them (Heckbert's closed form, so it runs batched on any device)."""
+    """(B, 4, 2) corners from top-left, clockwise -> (B, 3, 3) homographies of the unit square onto them (Heckbert)."""
     (x0, y0), (x1, y1), (x2, y2), (x3, y3) = [quads[:, i].unbind(-1) for i in range(4)]
     dx1, dx2, dx3 = x1 - x2, x3 - x2, x0 - x1 + x2 - x3
     dy1, dy2, dy3 = y1 - y2, y3 - y2, y0 - y1 + y2 - y3
@@ -270,16 +297,14 @@ def adjugate(maps):
 
 
 def perspective_maps(endpoints, size=IMAGE_SIZE):
-    """(B, 4, 2) endpoints of the image corners -> (B, 3, 3) inverse maps equal to torchvision's F.perspective
-    with startpoints = the corners [[0, 0], [size-1, 0], [size-1, size-1], [0, size-1]]."""
+    """(B, 4, 2) endpoints of the corners -> (B, 3, 3) inverse maps equal to torchvision's F.perspective from them."""
     to_start = torch.ones(3, device=endpoints.device)
     to_start[:2] = size - 1.0
     return to_start.diag() @ adjugate(square_to_quad(endpoints))
 
 
 def warp(images, maps, mode="bilinear"):
-    """Resample each image (B, C, H, W) through its own map from output to input pixel coordinates: maps is
-    (B, 3, 3), or (1, 3, 3) for one map shared by the whole batch."""
+    """Resample each image (B, C, H, W) through its map (B, 3, 3), or one (1, 3, 3) for all, from output to input."""
     batch, _, height, width = images.shape
     maps = maps.expand(batch, 3, 3)
     ys, xs = torch.meshgrid(torch.arange(height, device=images.device) + 0.5,
@@ -317,9 +342,8 @@ def draw_augment_params(n, generator, device, size=IMAGE_SIZE):
 
 
 def augment(images, generator):
-    """Batch augmentation f(images, generator) -> images; every image draws its own parameters. Resampled as the
-    reference's torchvision pipeline does it: RandomAffine's nearest neighbour, then RandomPerspective's bilinear
-    where drawn. One bilinear resampling of the composed map would blur every training digit."""
+    """f(images, generator) -> images, each with its own draw, resampled as torchvision does: RandomAffine's nearest
+    neighbour, then RandomPerspective's bilinear (one bilinear pass of the composed map would blur every digit)."""
     size = images.shape[-1]
     p = draw_augment_params(images.shape[0], generator, images.device, size)
     affine = affine_maps(p["angle"], p["translate_x"], p["translate_y"], p["scale"], p["shear_x"], size)
@@ -410,8 +434,7 @@ ARCHITECTURES = {"resnet": ResNetMNIST, "wide": WideConvNet}
 
 
 def resolve_device(name, local_rank=0):
-    """auto: cuda, then mps, then cpu. Under torchrun, process k takes GPU k modulo the number of GPUs, so that
-    several processes can share one; the GPU becomes this process's current CUDA device."""
+    """auto: cuda, then mps, then cpu. Process k takes GPU k modulo their number, made the current CUDA device."""
     if name in ("auto", "cuda") and torch.cuda.is_available():
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
         try:  # a card this build has no kernels for (Kaggle's P100 under CUDA 12.8) fails its first one
@@ -428,8 +451,7 @@ def resolve_device(name, local_rank=0):
         return device
     if name == "auto":
         return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if not available[name]:
+    if name != "cpu" and not (torch.cuda.is_available() if name == "cuda" else torch.backends.mps.is_available()):
         raise InputError(f"--device {name}: not available on this machine (try --device auto)")
     return torch.device(name)
 
@@ -439,27 +461,18 @@ def memory_format_for(device):
     return torch.channels_last if device.type in ("cuda", "cpu") else torch.contiguous_format
 
 
-def eval_batch_for(device):
-    """Images per forward pass at evaluation: small batches stay in the CPU's caches, large ones fill a GPU."""
-    return 1024 if device.type == "cuda" else 64
-
-
 def cpu_vendor(cpuinfo="/proc/cpuinfo"):
     """'GenuineIntel', 'AuthenticAMD', ...: from /proc/cpuinfo on Linux, platform.processor() on Windows, or ''."""
     try:
         with open(cpuinfo) as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.partition(":")[2].strip()
+            return next((line.partition(":")[2].strip() for line in f if line.startswith("vendor_id")), "")
     except OSError:
-        pass
-    return next((vendor for vendor in ("GenuineIntel", "AuthenticAMD") if vendor in platform.processor()), "")
+        return next((vendor for vendor in ("GenuineIntel", "AuthenticAMD") if vendor in platform.processor()), "")
 
 
 def cpu_bfloat16_pays():
-    """Whether bfloat16 autocast trains faster than float32 on this CPU's oneDNN (BENCHMARKS.md): with AMX tiles
-    (Intel Xeon 4th generation on), and with AVX512-BF16 on AMD (Zen 4, 5), not on Intel without AMX, whose
-    VDPBF16PS runs at a quarter of its FMA rate. Only what oneDNN's cap (ONEDNN_MAX_CPU_ISA) lets it use counts."""
+    """Whether bfloat16 beats float32 on this CPU's oneDNN (BENCHMARKS.md): with AMX (Xeon 4th generation on), or
+    AVX512-BF16 on AMD (Zen 4, 5; Intel's runs at a quarter of its FMA rate), as ONEDNN_MAX_CPU_ISA lets it."""
     cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
     amx_allowed = cap in ("ALL", "DEFAULT") or "AMX" in cap
     bf16_allowed = amx_allowed or cap in ("AVX512_CORE_BF16", "AVX512_CORE_FP16") or cap.startswith("AVX10")
@@ -470,9 +483,8 @@ def cpu_bfloat16_pays():
 
 
 def autocast_dtype(device, precision="auto"):
-    """The autocast dtype for the forward passes, or None for plain float32 (weights and optimizer stay float32).
-    auto: bfloat16 on cards with bfloat16 units (compute capability 8.0 on), float16 with loss scaling on older ones
-    (the T4), bfloat16 on CPUs where it pays, else float32. float16 runs anywhere but mps, slowly on most CPUs."""
+    """The forward passes' autocast dtype, or None for float32 (weights and optimizer stay float32). auto: bfloat16 on
+    cards from compute capability 8.0, float16 (loss-scaled) on older ones (T4), bfloat16 on CPUs where it pays."""
     if precision == "float32" or device.type == "mps":
         return None
     if precision == "float16":
@@ -491,8 +503,7 @@ def autocast_dtype(device, precision="auto"):
 
 
 def fold_batchnorm(model):
-    """An inference copy of the model with each BatchNorm folded into the conv or linear layer registered just
-    before it (both models register layers in the order they run): the same function, evaluated faster."""
+    """An inference copy with each BatchNorm folded into the conv or linear layer registered (and run) before it."""
     model = copy.deepcopy(model).eval()
     for module in model.modules():
         names = list(module._modules)
@@ -514,7 +525,8 @@ def predict_probs(model, images, views, amp_dtype=None):
     """Softmax probabilities (N, 10) on the CPU, averaged over the views, computed in chunks."""
     model.eval()
     device = next(model.parameters()).device
-    memory_format, chunk = memory_format_for(device), eval_batch_for(device)
+    memory_format = memory_format_for(device)
+    chunk = 1024 if device.type == "cuda" else 64  # small batches stay in the CPU's caches, large ones fill a GPU
     chunks = []
     for start in range(0, len(images), chunk):
         batch = images[start:start + chunk].to(device)
@@ -558,8 +570,7 @@ def host_copy(state):
 
 
 def set_rng_states(states, generator, device, seed):
-    """Continue the saved random streams, and return True. A state saved on another kind of device cannot continue
-    them (a CUDA generator's state is not a CPU generator's): the streams then start afresh from seed (False)."""
+    """Continue the saved random streams (True), or, saved on another kind of device, start afresh from seed (False)."""
     states = {k: v.cpu() for k, v in states.items()}  # generator states are CPU byte tensors on every device
     saved_on = "cuda" if "cuda" in states else "mps" if "mps" in states else "cpu"
     if saved_on != device.type:
@@ -596,23 +607,15 @@ def train_step(model, optimizer, scaler, images, labels, batch_idx, generator, a
     totals["correct"] += (logits.argmax(1) == batch_labels).sum()
 
 
-def uses_cuda_graph(device):
-    """A full batch's whole step (augmentation, forward, backward, AdamW) is one CUDA graph replay: a batch of 128
-    digits is some 470 kernels too small to keep a GPU busy when launched one by one."""
-    return device.type == "cuda" and hasattr(torch.cuda.CUDAGraph, "register_generator_state")
-
-
 def adamw(params, cfg, amp_dtype, capturable=False):
-    """AdamW of the recipe. With float16, the fused AdamW takes the gradient scaler's overflow flag on the device and
-    skips an overflowed step there, where the others need a host sync that a CUDA graph cannot capture."""
+    """AdamW of the recipe; with float16 the fused one, which skips an overflowed step on the device (a graph can)."""
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, capturable=capturable,
                              fused=amp_dtype == torch.float16 or None)
 
 
 def capture_step(step, static_idx, model, optimizer, scaler, generator):
-    """Record step(static_idx) as a CUDA graph. Capture needs a few real steps first, on a side stream; the weights,
-    optimizer, scaler and generators they change are put back, so a run captured at epoch 1 and a run resumed and
-    captured at epoch k train exactly the same steps."""
+    """Record step(static_idx) as a CUDA graph, after the real steps capture needs, on a side stream: what they change
+    is put back, so runs captured at epoch 1 and resumed and captured at epoch k train exactly the same steps."""
     device = static_idx.device
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     moments = {p: {k: v.clone() for k, v in state.items()} for p, state in optimizer.state.items()}
@@ -641,13 +644,13 @@ def capture_step(step, static_idx, model, optimizer, scaler, generator):
     scaler.load_state_dict(scaling)  # in place, into the tensors the graph reads
     generator.set_state(random_states[0])
     torch.cuda.set_rng_state(random_states[1], device)
+    optimizer._warned_capturable_if_run_uncaptured = True  # its eager steps (the last, smaller batch) are meant so
     return graph
 
 
 def train_job(cfg, arch, fold, data, device, progress, recipe):
-    """Train one (architecture, fold) job and write its finished checkpoint (the best-validation weights). Each epoch
-    ends by saving the whole training state, so a run killed at any point continues from its last saved epoch and
-    ends with the weights of a run never interrupted."""
+    """Train one (architecture, fold) job and write its finished checkpoint (the best epoch's weights). Each epoch
+    saves the whole state: a run killed anywhere continues from it to the weights of a run never interrupted."""
     train_idx, val_idx = data.folds[fold]
     train_images, train_labels = data.images[train_idx], data.labels[train_idx]
     val_images, val_labels = data.images[val_idx], data.label_array[val_idx.cpu().numpy()]
@@ -655,7 +658,10 @@ def train_job(cfg, arch, fold, data, device, progress, recipe):
     torch.manual_seed(seed)  # model init (on the CPU, so the same on every device) and dropout
     generator = torch.Generator(device=device).manual_seed(seed)  # shuffling and augmentation
     amp_dtype, memory_format = autocast_dtype(device, cfg.precision), memory_format_for(device)
-    graphed = uses_cuda_graph(device) and len(train_idx) >= cfg.batch_size
+    # On a GPU a full batch's whole step (augmentation, forward, backward, AdamW) is one CUDA graph replay: a batch
+    # of 128 digits is some 470 kernels too small to keep a GPU busy when launched one by one.
+    graphed = device.type == "cuda" and hasattr(torch.cuda.CUDAGraph, "register_generator_state") and \
+        len(train_idx) >= cfg.batch_size
 
     model = ARCHITECTURES[arch]().to(device, memory_format=memory_format)
     # In a CUDA graph, AdamW's step count and learning rate live on the device (capturable).
@@ -668,13 +674,18 @@ def train_job(cfg, arch, fold, data, device, progress, recipe):
 
     state_path = checkpoint_path(cfg.out, arch, fold, in_progress=True)
     job = dict(epoch=0, best_acc=-1.0, best_epoch=0, best_state=None, stale=0, history=[], train_seconds=0.0)
-    saved = load_in_progress(state_path, device)
+    saved = None
+    try:  # an unreadable state (a disk fault: writes are atomic) redoes at most the epochs it held
+        saved = torch.load(state_path, map_location=device, weights_only=True) if os.path.exists(state_path) else None
+    except Exception as e:
+        print(f"warning: {state_path}: unreadable ({type(e).__name__}); that job starts over", file=sys.stderr)
     implementation = {key: optimizer.defaults[key] for key in ("foreach", "fused", "capturable")}
     if saved is not None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        scaler.load_state_dict(saved["scaler"])
+        if saved["scaler"]:  # {} from a run without loss scaling (another precision): this one's starts afresh
+            scaler.load_state_dict(saved["scaler"])
         job = {key: saved[key] for key in job}
         same_streams = set_rng_states(saved["rng"], generator, device, seed + job["epoch"])
         progress.say(arch, fold, f"resumes after epoch {job['epoch']}" + ("" if same_streams else " (saved on another "
@@ -685,11 +696,10 @@ def train_job(cfg, arch, fold, data, device, progress, recipe):
         group.update(implementation)
         group["lr"] = torch.tensor(float(group["lr"]), device=device) if graphed else float(group["lr"])
     scheduler.base_lrs = [float(lr) for lr in scheduler.base_lrs]
-
     totals = {"loss_sum": torch.zeros((), device=device), "correct": torch.zeros((), dtype=torch.long, device=device)}
     step = lambda batch_idx: train_step(model, optimizer, scaler, train_images, train_labels, batch_idx, generator,
                                         amp_dtype, cfg, totals)
-    static_idx = torch.arange(cfg.batch_size, device=device)  # the graph's input: the full batch's indices
+    static_idx = torch.arange(cfg.batch_size, device=device) if graphed else None  # the graph's input: a batch
     model.train()
     graph = capture_step(step, static_idx, model, optimizer, scaler, generator) if graphed else None
 
@@ -711,18 +721,20 @@ def train_job(cfg, arch, fold, data, device, progress, recipe):
                     step(batch_idx)
             lr = float(optimizer.param_groups[0]["lr"])
             scheduler.step()
-
+            train_loss = totals["loss_sum"].item() / n_used  # float16's skipped steps leave loss and weights finite
+            if not (math.isfinite(train_loss) and all(t.isfinite().all() for t in model.state_dict().values())):
+                raise InputError(f"{arch}_fold{fold}: training diverged in epoch {job['epoch']} (loss {train_loss:g}, "
+                                 "weights no longer finite), so nothing is written from it: lower --lr or "
+                                 "--weight-decay (a new recipe: another --out, or --fresh)")
             val_probs = predict_probs(fold_batchnorm(model), val_images, tta_views(tta=False), amp_dtype)
             val_acc = float((val_probs.argmax(1).numpy() == val_labels).mean())
             if val_acc > job["best_acc"]:
-                job.update(best_acc=val_acc, best_epoch=job["epoch"], stale=0,
-                           best_state=host_copy(model.state_dict()))
+                job.update(best_acc=val_acc, best_epoch=job["epoch"], stale=0, best_state=host_copy(model.state_dict()))
             else:
                 job["stale"] += 1
             seconds = time.perf_counter() - epoch_start
-            record = dict(epoch=job["epoch"], train_loss=totals["loss_sum"].item() / n_used,
-                          train_acc=totals["correct"].item() / n_used,
-                          val_acc=val_acc, lr=lr, seconds=seconds)
+            record = dict(epoch=job["epoch"], train_loss=train_loss, train_acc=totals["correct"].item() / n_used,
+                          val_acc=val_acc, lr=lr, seconds=seconds, precision=precision_name(amp_dtype))
             job["history"].append(record)
             job["train_seconds"] += seconds
             state = host_copy({**job, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -739,7 +751,8 @@ def train_job(cfg, arch, fold, data, device, progress, recipe):
     finished = {"model": job["best_state"], "arch": arch, "fold": fold, "epoch": job["best_epoch"],
                 "val_acc": job["best_acc"], "config": dataclasses.asdict(cfg), "recipe": recipe, "finished": True,
                 "history": job["history"], "train_seconds": job["train_seconds"],
-                "images_trained": n_used * len(job["history"]), "precision": precision_name(amp_dtype)}
+                "images_trained": n_used * len(job["history"]), "precision": ", then ".join(dict.fromkeys(
+                    h.get("precision", "unknown") for h in job["history"]))}  # each epoch's, in order
     write_atomic(checkpoint_path(cfg.out, arch, fold), lambda tmp: torch_save(finished, tmp))
     os.remove(state_path)
 
@@ -749,8 +762,7 @@ def train_job(cfg, arch, fold, data, device, progress, recipe):
 
 
 def write_atomic(path, write):
-    """write(tmp) to a temporary name, then rename it to path, so the file is whole or absent. A full disk or a lost
-    mount is one line: everything written before stays whole, so the same command continues from it."""
+    """write(tmp), then rename tmp to path: the file is whole or absent; a full disk is one line to continue from."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         write(tmp)
@@ -788,22 +800,16 @@ def load_checkpoint(path, device="cpu"):
     return model, state
 
 
+def checkpoint_files(out, pattern):
+    """--out/checkpoints' files that match pattern, sorted: listed, never globbed, so --out x[1] is not x1."""
+    folder = os.path.join(out, "checkpoints")
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    return [os.path.join(folder, name) for name in names if fnmatch.fnmatchcase(name, pattern)]
+
+
 def finished_checkpoints(out):
     """Paths of the finished jobs' checkpoints in --out (in-progress states left out), sorted."""
-    paths = glob.glob(os.path.join(out, "checkpoints", "*_fold*.pt"))
-    return sorted(p for p in paths if not p.endswith(".state.pt"))
-
-
-def load_in_progress(path, device):
-    """The saved state of an unfinished job, or None. An unreadable one (a disk fault: writes are atomic) is
-    reported and the job starts over, which redoes at most the epochs it held."""
-    if not os.path.exists(path):
-        return None
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
-        print(f"warning: {path}: unreadable ({type(e).__name__}); that job starts over", file=sys.stderr, flush=True)
-        return None
+    return [path for path in checkpoint_files(out, "*_fold*.pt") if not path.endswith(".state.pt")]
 
 
 RECIPE_KEYS = ("seed", "folds", "epochs", "batch_size", "lr", "weight_decay", "label_smoothing", "patience", "limit")
@@ -811,7 +817,7 @@ RECIPE_KEYS = ("seed", "folds", "epochs", "batch_size", "lr", "weight_decay", "l
 
 def check_saved_recipes(cfg, recipe):
     """Refuse to mix checkpoints of another recipe (seed, schedule, folds, data) into this run."""
-    for path in sorted(glob.glob(os.path.join(cfg.out, "checkpoints", "*_fold*.pt"))):
+    for path in checkpoint_files(cfg.out, "*_fold*.pt"):
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("recipe", {})
         except Exception:
@@ -829,15 +835,32 @@ def write_csv(path, frame, float_format=None):
     write_atomic(path, lambda tmp: frame.to_csv(tmp, index=False, float_format=float_format))
 
 
-def prepare_out(out):
-    """Fail before training, not after an hour, when the output directory cannot be written."""
-    probe = os.path.join(out, "checkpoints", f".write-test{os.getpid()}")
+def claim_out(cfg):
+    """Before the command's first write: lock --out for its life (a second command exits 2 before writing; the lock
+    dies with the process, SIGKILL included), probe that it can be written, apply --fresh, clear killed writes."""
+    folder = os.path.join(cfg.out, "checkpoints")
     try:
-        os.makedirs(os.path.join(out, "checkpoints"), exist_ok=True)
-        open(probe, "w").close()
-        os.remove(probe)
+        os.makedirs(folder, exist_ok=True)
+        lock = open(os.path.join(folder, ".lock"), "a+")
+        try:
+            import fcntl  # Linux and macOS: on Windows nothing locks --out
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:
+            pass
+        except OSError:
+            lock.seek(0)
+            raise InputError(f"{cfg.out}: another command (pid {lock.read().strip()}) is running in this --out; wait "
+                             "for it to end, or choose another --out") from None
+        for place in (cfg.out, folder):  # a writable checkpoints/ in a read-only --out would fail after training
+            open(os.path.join(place, ".write-test"), "w").close()
+            os.remove(os.path.join(place, ".write-test"))
     except OSError as e:
-        raise InputError(f"{out}: output directory cannot be written ({e.strerror or e})") from None
+        raise InputError(f"{cfg.out}: output directory cannot be written ({e.strerror or e})") from None
+    lock.truncate(0)
+    print(os.getpid(), file=lock, flush=True)  # for the message of a command that finds --out taken
+    for path in checkpoint_files(cfg.out, "*_fold*.pt*" if cfg.fresh else "*.tmp*"):  # --fresh: the .tmp files too
+        os.remove(path)
+    return lock
 
 
 class Progress:
@@ -849,20 +872,13 @@ class Progress:
 
     def say(self, arch, fold, text, epochs_done=0):  # early stopping and resumes leave epochs that will never run
         self.epochs_left -= epochs_done
-        print(f"{self.prefix}{arch:<6} fold {fold + 1}/{self.cfg.folds} {text}", flush=True)
+        print(f"{self.prefix}{f'{arch}_fold{fold}':<12} {text}", flush=True)  # as checkpoints/ and --fold say
 
     def __call__(self, arch, fold, r):
         self.seconds, self.timed = self.seconds + r["seconds"], self.timed + 1
         eta = datetime.timedelta(seconds=round(self.seconds / self.timed * (self.epochs_left - 1)))
         self.say(arch, fold, f"epoch {r['epoch']:>2}/{self.cfg.epochs}  loss {r['train_loss']:.4f}  train "
                  f"{r['train_acc']:.4f}  val {r['val_acc']:.4f}  lr {r['lr']:.2e}  {r['seconds']:.1f}s  eta {eta}", 1)
-
-
-def library_versions():
-    import sklearn
-    import torchvision
-    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "numpy": np.__version__, "pandas": pd.__version__, "scikit-learn": sklearn.__version__}
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -915,15 +931,19 @@ def write_pictures(cfg, results, labels, oof_probs, images, generator):
         loss_ax, acc_ax = axes[0, column], axes[1, column]
         for r in [r for r in results if r["arch"] == arch]:
             epochs, label = [h["epoch"] for h in r["history"]], f"fold {r['fold']}"
-            (line,) = loss_ax.plot(epochs, [h["train_loss"] for h in r["history"]], label=label)
+            dot = "o" if len(epochs) == 1 else None  # a line of one point draws nothing
+            (line,) = loss_ax.plot(epochs, [h["train_loss"] for h in r["history"]], label=label, marker=dot)
             acc_ax.plot(epochs, [h["val_acc"] for h in r["history"]], color=line.get_color(), label=label)
             acc_ax.plot(r["best_epoch"], r["best_val_acc"], marker="*", markersize=13, color=line.get_color())
         loss_ax.set(title=f"{arch}: training loss", xlabel="epoch", ylabel="loss (augmented, smoothed labels)")
         acc_ax.set(title=f"{arch}: validation accuracy (* = kept epoch)", xlabel="epoch", ylabel="accuracy")
         for ax in (loss_ax, acc_ax):
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        loss_ax.legend(fontsize=8)
-        acc_ax.legend(fontsize=8, loc="lower right")
+            if np.ptp(ax.get_xlim()) < 1:  # every job ran one epoch: an axis around it, not around 0.95-1.05
+                ax.set_xlim(0.5, 1.5)
+        if loss_ax.lines:
+            loss_ax.legend(fontsize=8)
+            acc_ax.legend(fontsize=8, loc="lower right")
     save(fig, "curves.png")
 
     # Confusion matrix of the ensemble's out-of-fold predictions, every count written in its cell.
@@ -967,8 +987,7 @@ def write_pictures(cfg, results, labels, oof_probs, images, generator):
 
 
 def to_mnist_frame(image):
-    """A grayscale digit (H, W) in [0, 1], light ink on dark, -> (28, 28) the way MNIST was made: cropped to the
-    ink, scaled to fit 20x20 keeping the aspect ratio, then centred by centre of mass in 28x28."""
+    """A digit (H, W) in [0, 1], light on dark -> (28, 28) as MNIST: the ink fitted to 20x20, centred by its mass."""
     image = torch.as_tensor(image, dtype=torch.float32)
     ink = image > 0.1 * image.max()
     if not ink.any():
@@ -1016,9 +1035,8 @@ READ_SIZE = 400  # photos are read with their longer side at this many pixels
 
 
 def find_digits(photo):
-    """A grayscale photo (H, W) in [0, 1] of digits side by side, either polarity -> [((top, left, bottom, right),
-    (28, 28) frame)], left to right. Paper, light and shadow change slowly and ruled lines run across the page: what
-    stays after removing them is ink, and each group of ink that shares columns is one digit."""
+    """A grayscale photo (H, W) in [0, 1] of digits in a row -> [((top, left, bottom, right), (28, 28) frame)]. Paper,
+    light and shadow change slowly, ruled lines cross the page; the rest is ink, a digit per group sharing columns."""
     from scipy import ndimage
     smooth = ndimage.gaussian_filter(photo, 1.0)  # sensor noise and JPEG blocks
     wide = max(photo.shape) // 6  # wider than any stroke
@@ -1047,6 +1065,8 @@ def find_digits(photo):
         return []
     mask = ndimage.binary_closing(ink > max(0.4 * peak, noise), np.ones((3, 3)))  # rejoin strokes a line cut
     labels, count = ndimage.label(mask)
+    if count == 0:  # the closing took it all: ink one or two pixels across (a picture a few pixels thin)
+        return []
     areas = ndimage.sum_labels(mask, labels, np.arange(1, count + 1))
     parts = [(box, k + 1) for k, box in enumerate(ndimage.find_objects(labels)) if areas[k] >= 0.1 * areas.max()]
     groups = []  # [rows, columns, labels] (scipy's order), left to right
@@ -1140,7 +1160,8 @@ def write_predictions_picture(out, readings):
         for (top, left, bottom, right), _ in digits:
             axes[row, 0].add_patch(Rectangle((left - 0.5, top - 0.5), right - left, bottom - top, fill=False,
                                              edgecolor="red", linewidth=1.5))
-        axes[row, 0].set_title(f"{os.path.basename(path)}: {number_read(probs)}", fontsize=9)
+        name = os.fsencode(os.path.basename(path)).decode("utf-8", "replace")  # bytes that are not UTF-8 as U+FFFD
+        axes[row, 0].set_title(f"{name}: {number_read(probs)}", fontsize=9, parse_math=False)  # no $math$ in names
         for col, ((_, frame), p) in enumerate(zip(digits, probs), start=1):
             axes[row, col].imshow(frame.numpy(), cmap="gray", vmin=0, vmax=1)
             axes[row, col].set_title(f"{p.argmax().item()}  ({p.max().item():.2f})", fontsize=9)
@@ -1149,19 +1170,13 @@ def write_predictions_picture(out, readings):
           + (f" (the first {len(shown)} of {len(readings)} files)" if len(shown) < len(readings) else ""), flush=True)
 
 
-def load_ensemble(out, device):
-    paths = finished_checkpoints(out)
-    if not paths:
-        raise InputError(f"{os.path.join(out, 'checkpoints')}: no checkpoints; train first, e.g. "
-                         f"python digit_recognizer.py --data DIR --out {out}")
-    return [fold_batchnorm(load_checkpoint(path, device)[0].to(device)) for path in paths]
-
-
 def predict_files(cfg):
-    """Print each file's digit or number with the probabilities; files that cannot be read are reported and
-    skipped. Writes predictions.png into --out. Returns the exit code."""
-    device = resolve_device(cfg.device)
-    models = load_ensemble(cfg.out, device)
+    """Print each file's digit or number and probabilities, draw predictions.png; an unreadable file is one line."""
+    device, paths = resolve_device(cfg.device), finished_checkpoints(cfg.out)
+    if not paths:
+        raise InputError(f"{os.path.join(cfg.out, 'checkpoints')}: no checkpoints; train first, e.g. "
+                         f"python digit_recognizer.py --data DIR --out {cfg.out}")
+    models = [fold_batchnorm(load_checkpoint(path, device)[0].to(device)) for path in paths]
     views, amp_dtype = tta_views(tta=cfg.tta), autocast_dtype(device, cfg.precision)
     readings = []
     for path in cfg.predict:
@@ -1172,12 +1187,8 @@ def predict_files(cfg):
             continue
         frames = torch.stack([frame for _, frame in digits]).view(-1, 1, IMAGE_SIZE, IMAGE_SIZE).to(device)
         probs = torch.stack([predict_probs(m, frames, views, amp_dtype) for m in models]).mean(0)  # (digits, 10)
-        top = probs.topk(3)
-        number = number_read(probs)
-        if len(digits) == 1:
-            line = f"{path}: {number} ({top.values[0, 0].item():.3f})"
-        else:
-            line = f"{path}: {number} ({' '.join(f'{p:.2f}' for p in top.values[:, 0].tolist())})"
+        top, sure = probs.topk(3), probs.max(1).values.tolist()
+        line = f"{path}: {number_read(probs)} ({' '.join(f'{p:.{3 if len(sure) == 1 else 2}f}' for p in sure)})"
         if cfg.verbose:
             line += "   top 3: " + " | ".join(", ".join(f"{d} {p:.3f}" for d, p in zip(ds, ps))
                                              for ds, ps in zip(top.indices.tolist(), top.values.tolist()))
@@ -1192,14 +1203,6 @@ def predict_files(cfg):
 # The whole run
 
 
-def find_kaggle_data(max_depth=4):
-    """The folders under KAGGLE_INPUT, down to max_depth levels, that hold both train.csv and test.csv (another
-    competition's mount, such as Kannada-MNIST, or a dataset copy under another name)."""
-    found = [os.path.dirname(path) for depth in range(max_depth + 1)
-             for path in glob.glob(os.path.join(KAGGLE_INPUT, *["*"] * depth, "train.csv"))]
-    return sorted(folder for folder in found if os.path.isfile(os.path.join(folder, "test.csv")))
-
-
 def resolve_data_dir(cfg):
     if cfg.data is not None:
         if not os.path.isdir(cfg.data):
@@ -1207,16 +1210,19 @@ def resolve_data_dir(cfg):
         return cfg.data
     for folder in (os.path.join(KAGGLE_INPUT, name) for name in KAGGLE_COMPETITION):
         if os.path.isdir(folder):
+            print(f"data: {folder} (the competition's folder)", flush=True)
             return folder
-    found = find_kaggle_data()
+    # Else the folders four levels down that hold both CSVs: another competition's mount (Kannada-MNIST), a dataset.
+    found = sorted(os.path.dirname(path) for depth in range(5) for path in glob.glob(os.path.join(
+        glob.escape(KAGGLE_INPUT), *["*"] * depth, "train.csv")) if os.path.isfile(os.path.dirname(path) + "/test.csv"))
     if len(found) == 1:
         print(f"data: {found[0]} (the only folder under {KAGGLE_INPUT} with train.csv and test.csv)", flush=True)
         return found[0]
-    if found:
-        raise InputError(f"no --data given and {len(found)} folders under {KAGGLE_INPUT} hold train.csv and "
-                         f"test.csv ({', '.join(found)}): pass --data with the one to use")
-    raise InputError(f"no --data given and no folder under {KAGGLE_INPUT} holds train.csv and test.csv: pass --data "
-                     "DIR (holding them), or try --demo")
+    how = ("in a cell before this one, write sys.argv[1:] = ['--data', 'DIR'] (or ['--demo'])" if in_notebook()
+           else "pass --data DIR (holding them), or try --demo")
+    raise InputError(f"no --data given and {len(found)} folders under {KAGGLE_INPUT} hold train.csv and test.csv "
+                     f"({', '.join(found)}): choose one: {how}" if found else f"no --data given and no folder under "
+                     f"{KAGGLE_INPUT} holds train.csv and test.csv: add the competition's data, or {how}")
 
 
 @dataclass
@@ -1243,7 +1249,10 @@ def load_data(cfg, device):
     for digit in np.flatnonzero(counts):
         if counts[digit] < cfg.folds:
             raise InputError(f"{train_path}: digit {digit} has {counts[digit]} images, fewer than --folds {cfg.folds}")
-    folds = StratifiedKFold(n_splits=cfg.folds, shuffle=True, random_state=cfg.seed).split(train_pixels, labels)
+    folds = list(StratifiedKFold(n_splits=cfg.folds, shuffle=True, random_state=cfg.seed).split(train_pixels, labels))
+    if min(len(train) for train, _ in folds) < 2:  # BatchNorm cannot train on one image
+        raise InputError(f"{train_path}: {len(labels)} rows leave a fold fewer than 2 training images: use more rows "
+                         "or fewer --folds")
     to_device = lambda idx: torch.from_numpy(idx).to(device)
     return Digits(images=to_image_tensor(train_pixels, device), labels=torch.from_numpy(labels).to(device),
                   label_array=labels, test_images=torch.from_numpy(test_pixels).view(-1, 1, IMAGE_SIZE, IMAGE_SIZE),
@@ -1260,15 +1269,20 @@ def adopt_saved_recipe(cfg):
     _, state = load_checkpoint(paths[0])
     for key in RECIPE_KEYS:
         setattr(cfg, key, state["recipe"][key])
+    if cfg.archs == Config.archs:  # --archs not given: the architectures there are checkpoints of
+        cfg.archs = tuple(arch for arch in ARCHITECTURES if any(os.path.basename(path).startswith(f"{arch}_fold")
+                                                                for path in paths))
 
 
 def check_inputs(cfg, device):
-    """Read and check the data and --out before any training. Returns (data, the recipe of this run)."""
+    """Read and check the data and --out's checkpoints before anything is written. Returns (data, this run's recipe)."""
     if cfg.predict_only:
         adopt_saved_recipe(cfg)
     data = load_data(cfg, device)
-    prepare_out(cfg.out)
-    return data, {**{key: getattr(cfg, key) for key in RECIPE_KEYS}, "data": data.digest}
+    recipe = {**{key: getattr(cfg, key) for key in RECIPE_KEYS}, "data": data.digest}
+    if not cfg.fresh:
+        check_saved_recipes(cfg, recipe)
+    return data, recipe
 
 
 def training_jobs(cfg):
@@ -1278,8 +1292,7 @@ def training_jobs(cfg):
 
 
 def processes_for(cfg):
-    """How many processes to spread the training jobs over: --processes, or one per GPU when this machine has
-    several (Kaggle's "T4 x2"), never more than there are jobs. One under torchrun, which started them."""
+    """--processes, or one per GPU (Kaggle's "T4 x2"), at most one per job; one under torchrun, which started them."""
     if "WORLD_SIZE" in os.environ or cfg.demo:
         return 1
     gpus = torch.cuda.device_count() if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else 1
@@ -1287,38 +1300,56 @@ def processes_for(cfg):
 
 
 def launch(cfg, processes):
-    """Train in several processes, each this command with torchrun's environment, and wait for them. The inputs are
-    checked here first, so that bad input is one line and not one per process. torch.multiprocessing stops the
-    others when one fails, and has each ask Linux for SIGINT when this process dies, so none trains on unseen."""
+    """Train in processes that run this command with torchrun's environment: inputs checked once here, one line for
+    bad input. torch.multiprocessing stops the others when one fails, and all with SIGINT when this one dies."""
     if globals().get("__file__") is None:  # pasted into a notebook cell: no file for the processes to import
         print(f"{processes} processes wanted, but a notebook cell cannot start them: one process trains every job "
               "(to spread them, save the cell as a file and run that: see the README's Long runs)", flush=True)
         run(cfg)
         return 0
-    autocast_dtype(resolve_device(cfg.device), cfg.precision)
-    recipe = check_inputs(cfg, torch.device("cpu"))[1]  # the data itself is the processes' to hold, not ours
-    if not cfg.fresh:
-        check_saved_recipes(cfg, recipe)
+    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)  # no "Terminating process" lines
+    if cfg.device != "cpu" and torch.cuda.is_available():  # the card, in a process of its own: a CUDA context here
+        try:  # would hold memory on GPU 0 for as long as this process lives
+            torch.multiprocessing.start_processes(check_device, (cfg,), 1)
+        except torch.multiprocessing.ProcessExitedException as e:
+            return e.exit_code
+    else:
+        autocast_dtype(resolve_device(cfg.device), cfg.precision)
+    check_inputs(cfg, torch.device("cpu"))  # the data itself is the processes' to hold, not ours
     with socket.socket() as probe:  # a free port for the processes to meet on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    print(f"spreading the jobs over {processes} processes", flush=True)
-    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)  # no "Terminating process" lines
-    context = torch.multiprocessing.start_processes(train_process, (cfg, processes, port), processes, join=False)
-    try:
-        while not context.join():
-            pass
-    except KeyboardInterrupt:  # Ctrl-C (which reached the processes too) or SIGTERM: each saves its state
-        for process in context.processes:
-            process.terminate()
-        for process in context.processes:
-            process.join()
-        raise
-    except torch.multiprocessing.ProcessExitedException as e:
-        if e.exit_code == 130:  # a process was interrupted, and the others stopped with it
-            raise KeyboardInterrupt from None
-        return 128 - e.exit_code if e.exit_code < 0 else e.exit_code  # killed by signal k: 128 + k, as shells say
+    with claim_out(cfg):  # the processes are one command: --out is claimed for them, and --fresh done here
+        print(f"spreading the jobs over {processes} processes", flush=True)
+        args = (dataclasses.replace(cfg, fresh=False), processes, port)
+        context = torch.multiprocessing.start_processes(train_process, args, processes, join=False)
+        try:
+            while not context.join():
+                pass
+        except KeyboardInterrupt:  # Ctrl-C (which reached the processes too) or SIGTERM: each saves its state
+            for process in context.processes:
+                process.terminate()
+            for process in context.processes:
+                process.join()
+            raise
+        except torch.multiprocessing.ProcessExitedException as e:
+            if e.exit_code == 130:  # a process was interrupted, and the others stopped with it
+                raise KeyboardInterrupt from None
+            if e.exit_code >= 0:  # it said why (exit code 2: its one line)
+                return e.exit_code
+            print(f"error: process {e.error_index} of {processes} was killed by {signal.Signals(-e.exit_code).name}; "
+                  "the others stopped and saved their state: run the same command again to continue", file=sys.stderr)
+            return 128 - e.exit_code  # killed by signal k: 128 + k, as shells say
     return 0
+
+
+def check_device(_, cfg):
+    """launch()'s check of the card and --precision, in a process of its own: its one line, exit code 2."""
+    try:
+        autocast_dtype(resolve_device(cfg.device), cfg.precision)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def train_process(rank, cfg, world, port):
@@ -1338,7 +1369,7 @@ def train_process(rank, cfg, world, port):
                 _interrupt(signum, frame)
         signal.signal(signal.SIGINT, interrupt_once_orphaned)
     try:
-        run(cfg)
+        run(cfg, launched=True)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
@@ -1354,62 +1385,53 @@ def start_distributed():
     import torch.distributed as dist
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        # gloo on GPUs too: the processes only ever meet at a barrier, which needs no GPU, and NCCL refuses two
-        # processes on one GPU. A long job must not time out the others' barrier.
+        # gloo on GPUs too: they only meet at barriers (NCCL refuses two on one GPU), with no time-out for long jobs
         dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
     return dist.get_rank(), world, local_rank
 
 
-def run(cfg):
+def run(cfg, launched=False):
     """Train every (architecture, fold) job this process owns, then (rank 0) predict and write the outputs."""
     rank, world, local_rank = start_distributed()
     try:
-        return train_and_predict(cfg, rank, world, local_rank)
+        return train_and_predict(cfg, rank, world, local_rank, claim=rank == 0 and not launched)
     finally:
         if world > 1:
             torch.distributed.destroy_process_group()
 
 
-def train_and_predict(cfg, rank, world, local_rank):
-    wall_start = time.perf_counter()
+def train_and_predict(cfg, rank, world, local_rank, claim):
+    wall_start, demo_labels = time.perf_counter(), None
     device = resolve_device(cfg.device, local_rank)
     amp_dtype = autocast_dtype(device, cfg.precision)  # may refuse --precision: before anything is written
-    demo_labels = None
-    if cfg.demo:
-        cfg.data = os.path.join(cfg.out, "demo_data")
-        prepare_out(cfg.out)
-        demo_labels = make_demo_data(cfg.data, seed=cfg.seed)
-    data, recipe = check_inputs(cfg, device)
-    if cfg.fresh and rank == 0:
-        for path in glob.glob(os.path.join(cfg.out, "checkpoints", "*_fold*.pt*")):
-            os.remove(path)
-    if world == 1:  # what a kill in the middle of a write left behind (with several processes, maybe a live write)
-        for leftover in glob.glob(os.path.join(cfg.out, "checkpoints", "*.tmp*")):
-            os.remove(leftover)
-    else:
-        torch.distributed.barrier()
-    check_saved_recipes(cfg, recipe)
-
-    if device.type == "cuda":  # the same seed gives the same files: no autotuner that may pick other kernels per run
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
-    mine = training_jobs(cfg)[rank::world]  # every job seeds itself, so the split cannot change any result
-    if mine:
-        print(f"{'[rank %d] ' % rank if world > 1 else ''}device {device} ({precision_name(amp_dtype)}), "
-              f"{len(data.labels)} training images, {len(data.test_images)} test images, jobs: {len(mine)}, epochs: "
-              f"{cfg.epochs}", flush=True)
-    setup_seconds = time.perf_counter() - wall_start  # device, data, checks: before the first job
-    progress = Progress(cfg, len(mine), rank, world)
-    for arch, fold in mine:
-        if os.path.exists(checkpoint_path(cfg.out, arch, fold)):
-            progress.say(arch, fold, "finished earlier: skipped", cfg.epochs)
-        else:
-            train_job(cfg, arch, fold, data, device, progress, recipe)
-    if world > 1:  # rank 0 writes the outputs once every job is done
-        torch.distributed.barrier()
-    if rank != 0:
-        return None
-    return write_outputs(cfg, data, device, wall_start, setup_seconds, demo_labels)
+    if not cfg.demo:
+        data, recipe = check_inputs(cfg, device)
+    with claim_out(cfg) if claim else contextlib.nullcontext():  # the command's first write in --out comes after
+        if cfg.demo:
+            cfg.data = os.path.join(cfg.out, "demo_data")
+            demo_labels = make_demo_data(cfg.data, seed=cfg.seed)
+            data, recipe = check_inputs(cfg, device)
+        if world > 1:  # rank 0 has claimed --out
+            torch.distributed.barrier()
+        if device.type == "cuda":  # the same seed gives the same files: no autotuner that may pick other kernels
+            torch.backends.cudnn.benchmark = False
+            torch.backends.cudnn.deterministic = True
+        mine = training_jobs(cfg)[rank::world]  # every job seeds itself, so the split cannot change any result
+        if mine:
+            print(f"{'[rank %d] ' % rank if world > 1 else ''}device {device} ({precision_name(amp_dtype)}), "
+                  f"{len(data.labels)} training images, {len(data.test_images)} test images, jobs: {len(mine)}, "
+                  f"epochs: {cfg.epochs}", flush=True)
+        setup_seconds = time.perf_counter() - wall_start  # device, data, checks: before the first job
+        progress = Progress(cfg, len(mine), rank, world)
+        for arch, fold in mine:
+            if os.path.exists(checkpoint_path(cfg.out, arch, fold)):
+                progress.say(arch, fold, "finished earlier: skipped", cfg.epochs)
+            else:
+                train_job(cfg, arch, fold, data, device, progress, recipe)
+        if world > 1:  # rank 0 writes the outputs once every job is done
+            torch.distributed.barrier()
+        if rank == 0:
+            return write_outputs(cfg, data, device, wall_start, setup_seconds, demo_labels)
 
 
 def precision_name(amp_dtype):
@@ -1417,9 +1439,8 @@ def precision_name(amp_dtype):
 
 
 def predict_jobs(cfg, data, device):
-    """Every finished checkpoint predicts its fold's validation rows and the test set. Returns each job's record for
-    metrics.json, its out-of-fold probabilities {(arch, fold): (n_val, 10)}, the ensemble's test probabilities
-    (N, 10), summed as they come so memory does not grow with the models, and the seconds they took."""
+    """Each finished checkpoint predicts its validation rows and the test set -> (jobs' records, out-of-fold probs
+    {(arch, fold): (n_val, 10)}, test probs (N, 10) summed model by model, so memory does not grow, test seconds)."""
     views, amp_dtype = tta_views(tta=cfg.tta), autocast_dtype(device, cfg.precision)
     results, val_probs, missing, test_seconds = [], {}, [], 0.0
     test_sum = torch.zeros(len(data.test_images), NUM_CLASSES, dtype=torch.float64)
@@ -1463,7 +1484,8 @@ def write_outputs(cfg, data, device, wall_start, setup_seconds, demo_labels=None
             for fold in range(cfg.folds):
                 oof[data.folds[fold][1].cpu().numpy()] = val_probs[arch, fold].numpy()
             oof_by_arch[arch] = oof
-
+    if not np.isfinite(test_probs).all():  # a checkpoint from elsewhere, trained to NaN
+        raise InputError(f"{os.path.join(cfg.out, 'checkpoints')}: the models predict NaN; no submission written")
     predictions = test_probs.argmax(1)
     id_name, ids, label_name = data.submission
     write_csv(os.path.join(cfg.out, "submission.csv"), pd.DataFrame({id_name: ids, label_name: predictions}))
@@ -1472,38 +1494,42 @@ def write_outputs(cfg, data, device, wall_start, setup_seconds, demo_labels=None
         oof_probs = np.mean(list(oof_by_arch.values()), axis=0)
         oof_acc = {arch: float((p.argmax(1) == labels).mean()) for arch, p in oof_by_arch.items()}
         oof_acc["ensemble"] = float((oof_probs.argmax(1) == labels).mean())
-        oof_frame = pd.DataFrame({"index": np.arange(len(labels)), "label": labels, "pred": oof_probs.argmax(1)})
-        for digit in range(NUM_CLASSES):
-            oof_frame[f"p{digit}"] = oof_probs[:, digit]
+        oof_frame = pd.DataFrame({"index": np.arange(len(labels)), "label": labels, "pred": oof_probs.argmax(1),
+                                  **{f"p{digit}": oof_probs[:, digit] for digit in range(NUM_CLASSES)}})
         write_csv(os.path.join(cfg.out, "oof.csv"), oof_frame, float_format="%.6f")
         write_pictures(cfg, results, labels, oof_probs, data.images,
                        torch.Generator(device=device).manual_seed(cfg.seed))
     else:
         print("no architecture has all its folds: no out-of-fold report and no pictures", flush=True)
 
-    images_trained = sum(r["images_trained"] for r in results)
-    train_seconds = sum(r["train_seconds"] for r in results)
-    end = time.perf_counter()
+    train_seconds, end = sum(r["train_seconds"] for r in results), time.perf_counter()
     metrics = {
         "config": dataclasses.asdict(cfg),
         "device": str(device) if device.type != "cuda" else f"cuda ({torch.cuda.get_device_name(device)})",
         "precision": precision_name(autocast_dtype(device, cfg.precision)),
-        "versions": library_versions(),
+        "versions": {"python": platform.python_version(), **{name: importlib.metadata.version(name) for name in (
+            "torch", "torchvision", "numpy", "pandas", "scikit-learn")}},
         "jobs": results,
         "oof_accuracy": oof_acc,
         "wall_seconds": end - wall_start,  # this session: the three parts below, the jobs' starts and their saving
         "setup_seconds": setup_seconds,  # the device, reading and checking the data
         "train_seconds": train_seconds,  # the jobs' epochs with their validation, over every session that ran them
         "predict_seconds": end - predict_start,  # out-of-fold and test predictions, the files, the pictures
-        "train_images_per_second": images_trained / max(train_seconds, 1e-9),
+        "train_images_per_second": sum(r["images_trained"] for r in results) / max(train_seconds, 1e-9),
         "test_tta_images_per_second": len(data.test_images) * len(results) * len(tta_views(tta=cfg.tta)) / test_seconds,
     }
     if device.type == "cuda":
         metrics["peak_gpu_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     if demo_labels is not None:
         metrics["demo_test_accuracy"] = float((predictions == demo_labels).mean())
+    # A run that learned nothing (one epoch: BatchNorm's running statistics are not yet the data's) says so at the end.
+    accuracy = oof_acc.get("ensemble", np.mean([r["best_val_acc"] for r in results]))
+    share = np.bincount(predictions, minlength=NUM_CLASSES).max() / len(predictions)  # of the commonest digit
+    if accuracy < 2 / NUM_CLASSES or share > 0.5:
+        metrics["warning"] = (f"these models learned nothing: validation accuracy {accuracy:.2f} (chance: 0.10), and "
+                              f"{share:.0%} of submission.csv is one digit. Do not submit it: train longer")
     write_atomic(os.path.join(cfg.out, "metrics.json"),
-                 lambda tmp: open(tmp, "w").write(json.dumps(metrics, indent=1) + "\n"))
+                 lambda tmp: pathlib.Path(tmp).write_text(json.dumps(metrics, indent=1) + "\n"))
     print_summary(cfg, results, oof_acc, metrics)
     return metrics
 
@@ -1519,6 +1545,9 @@ def print_summary(cfg, results, oof_acc, metrics):
           f"{datetime.timedelta(seconds=round(metrics['wall_seconds']))}; outputs in {os.path.abspath(cfg.out)}")
     if "demo_test_accuracy" in metrics:
         print(f"demo held-out test accuracy: {metrics['demo_test_accuracy']:.4f}")
+    print(f"submission: {os.path.abspath(os.path.join(cfg.out, 'submission.csv'))}", flush=True)
+    if "warning" in metrics:
+        print(f"WARNING: {metrics['warning']}", file=sys.stderr, flush=True)
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -1530,13 +1559,22 @@ class ArgumentParser(argparse.ArgumentParser):
         raise InputError(message)
 
 
+CONFLICTS = {("fresh", "predict_only"): "--fresh would discard the checkpoints it needs", ("fresh", "predict"):
+             "--fresh would discard the checkpoints it reads", ("predict_only", "predict"): "one or the other",
+             ("fold", "predict_only"): "it trains no fold", ("demo", "data"): "--demo makes its own data"}
+
+
 def parse_args(argv=None):
-    """The Config of a command line: its options are Config's fields, with --demo's shorter schedule."""
-    parser = ArgumentParser(description="Kaggle Digit Recognizer: a 10-model CNN ensemble in one file.")
+    """The Config of a command line (by default sys.argv's, less a Jupyter kernel's own arguments inside one): its
+    options are Config's fields, with --demo's shorter schedule. Options are exact: no unknown ones, no prefixes."""
+    parser = ArgumentParser(description="Kaggle Digit Recognizer: a 10-model CNN ensemble in one file.",
+                            allow_abbrev=False)
+    known = []
     for field in dataclasses.fields(Config):
         group = parser.add_argument_group(OPTION_GROUPS[field.name]) if field.name in OPTION_GROUPS else group
         options = dict(field.metadata["argparse"])
         flags = options.pop("flags", [f"--{field.name.replace('_', '-')}"])
+        known += flags
         if isinstance(field.default, bool):
             options["action"] = "store_false" if field.default else "store_true"
         elif "type" not in options and "nargs" not in options and "choices" not in options:
@@ -1547,16 +1585,28 @@ def parse_args(argv=None):
             f"; {DEMO[field.name]} with --demo)" if field.name in DEMO else ")")
         group.add_argument(*flags, dest=field.name, default=argparse.SUPPRESS, help=field.metadata["help"] + default,
                            **options)
-    # Notebooks add arguments of their own (-f kernel.json): ignore what we do not know, but say so.
+    if argv is None:
+        argv = sys.argv[1:]
+        if in_notebook():  # the kernel's own: -f kernel.json, --HistoryManager.hist_file=..., --Session.key=...
+            argv = [arg for arg, before in zip(argv, [None, *argv]) if "-f" not in (arg, before) and not (
+                arg.startswith("--") and "=" in arg and arg.partition("=")[0] not in known)]
     given, unknown = parser.parse_known_args(argv)
     if unknown:
-        print(f"ignoring unknown arguments: {' '.join(unknown)}", file=sys.stderr)
+        near = difflib.get_close_matches(unknown[0].partition("=")[0], known, n=1)
+        what = "option" if unknown[0].startswith("-") else "argument"
+        raise InputError(f"unknown {what} {unknown[0]!r}" + (f": did you mean {near[0]}?" if near else
+                                                              " (python digit_recognizer.py --help lists them)"))
     given = {name: tuple(value) if isinstance(value, list) else value for name, value in vars(given).items()}
+    for (first, second), why in CONFLICTS.items():
+        if first in given and second in given:
+            raise InputError(f"--{first} and --{second} do not go together: {why}".replace("_", "-"))
     cfg = Config(**{**(DEMO if given.get("demo") else {}), **given})
     for field in dataclasses.fields(Config):
-        value, valid = getattr(cfg, field.name), field.metadata["valid"]
+        value, valid, name = getattr(cfg, field.name), field.metadata["valid"], f"--{field.name.replace('_', '-')}"
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InputError(f"{name} must be a finite number")
         if valid is not None and value is not None and not valid[1](value):
-            raise InputError(f"--{field.name.replace('_', '-')} must be {valid[0]}")
+            raise InputError(f"{name} must be {valid[0]}")
     if not all(0 <= k < cfg.folds for k in cfg.fold):
         raise InputError(f"--fold: folds are numbered 0 to {cfg.folds - 1} (--folds {cfg.folds})")
     return cfg
@@ -1567,6 +1617,9 @@ def _interrupt(signum, frame):
 
 
 def main(argv=None):
+    for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 is printed escaped, not a traceback
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous_handler = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
     try:
@@ -1593,5 +1646,5 @@ def main(argv=None):
 
 if __name__ == "__main__":
     exit_code = main()
-    if exit_code:  # a clean run just ends: a notebook cell would print "SystemExit: 0"
+    if exit_code and not in_notebook():  # in a notebook the error line ends it, with no SystemExit traceback under it
         raise SystemExit(exit_code)

@@ -7,22 +7,27 @@ their names and are skipped without one.
     pytest test_digit_recognizer.py -k cuda          # on a machine with a CUDA GPU
 """
 import copy
+import ctypes
 import dataclasses
 import errno
+import gzip
 import json
 import math
 import os
 import platform
 import signal
+import shutil
 import subprocess
 import sys
 import time
+import types
 import warnings
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
 import torch.nn.functional as F
 import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
@@ -365,6 +370,7 @@ def test_smoke_run_out_of_fold_accuracy_is_far_above_chance(smoke_run):
     assert metrics["device"] == "cpu" and metrics["precision"] == precision
     assert all(j["precision"] == precision for j in metrics["jobs"])
     assert metrics["train_images_per_second"] > 0 and "torch" in metrics["versions"]
+    assert "warning" not in metrics  # a run that learned says nothing of learning nothing
 
 
 @pytest.mark.slow
@@ -397,6 +403,18 @@ def test_two_seeded_runs_write_identical_files(small_dir, both_archs_run, tmp_pa
     assert dr.main(tiny_args(small_dir, tmp_path)) == 0
     for name in ("submission.csv", "oof.csv"):
         assert (tmp_path / name).read_bytes() == (both_archs_run / name).read_bytes()
+
+
+def test_a_run_that_learned_nothing_says_so_next_to_its_submission(small_dir, tmp_path, capsys):
+    """A smoke test's one epoch, or a learning rate that moves nothing: the submission is written, and the end of the
+    output says not to submit it."""
+    assert dr.main(tiny_args(small_dir, tmp_path, "--archs", "wide", "--lr", "1e-9")) == 0
+    out, err = capsys.readouterr()
+    assert "wide_fold1   epoch  1/1" in out  # folds counted as --fold and checkpoints/ count them
+    assert out.splitlines()[-1] == f"submission: {tmp_path / 'submission.csv'}"
+    assert err.startswith("WARNING: these models learned nothing: validation accuracy 0.") and err.count("\n") == 1
+    assert len(pd.read_csv(tmp_path / "submission.csv")) == 40
+    assert "learned nothing" in json.loads((tmp_path / "metrics.json").read_text())["warning"]
 
 
 def test_a_job_does_not_depend_on_the_jobs_before_it(small_dir, both_archs_run, tmp_path):
@@ -631,10 +649,31 @@ def test_a_script_kernel_trains_on_the_competition_and_ignores_notebook_argument
     copy_data(small_dir, tmp_path / "input" / "datasets" / "someone" / "mnist-in-csv", test_rows=30)
     monkeypatch.setattr(dr, "KAGGLE_INPUT", str(tmp_path / "input"))
     monkeypatch.chdir(tmp_path)  # the default --out is the working directory, as /kaggle/working is on Kaggle
-    assert dr.main(["-f", "/root/.local/share/jupyter/runtime/kernel-1.json", "--epochs", "1", "--folds", "2",
-                    "--archs", "wide", "--device", "cpu", "--no-tta"]) == 0
-    assert "ignoring unknown arguments: -f" in capsys.readouterr().err
+    in_a_kernel(monkeypatch, "--epochs", "1", "--folds", "2", "--archs", "wide", "--device", "cpu", "--no-tta")
+    assert dr.main() == 0
+    out, err = capsys.readouterr()
+    assert out.startswith(f"data: {tmp_path / 'input' / 'competitions' / 'digit-recognizer'} (the competition's")
+    assert "-f" not in err and "ignoring" not in err  # (its one epoch learned nothing, and says so)
     assert len(pd.read_csv(tmp_path / "submission.csv")) == 40  # the competition's test.csv, not the dataset's
+
+
+def in_a_kernel(monkeypatch, *options):
+    """As inside a Jupyter kernel: ipykernel is loaded and sys.argv holds the kernel's own arguments (classic Jupyter's
+    -f, nbclient's and VS Code's --Class.trait=value), then the options a cell added."""
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "/root/.local/share/jupyter/runtime/kernel-1.json",
+                                      "--HistoryManager.hist_file=:memory:", "--Session.key=b''", *options])
+
+
+def test_inside_a_kernel_its_own_arguments_are_dropped_and_nothing_else(monkeypatch, capsys):
+    in_a_kernel(monkeypatch, "--epochs", "3", "--fold=1")
+    assert dr.parse_args() == dr.Config(epochs=3, fold=(1,)) and capsys.readouterr() == ("", "")
+    in_a_kernel(monkeypatch, "--epohcs", "3")
+    with pytest.raises(dr.InputError, match="unknown option '--epohcs': did you mean --epochs"):
+        dr.parse_args()
+    monkeypatch.delitem(sys.modules, "ipykernel")  # a script: -f is an unknown option like any other
+    with pytest.raises(dr.InputError, match="unknown option '-f'"):
+        dr.parse_args()
 
 
 def test_no_data_and_no_kaggle_directory_says_what_to_do(tmp_path, monkeypatch, capsys):
@@ -642,6 +681,38 @@ def test_no_data_and_no_kaggle_directory_says_what_to_do(tmp_path, monkeypatch, 
     assert dr.main(["--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--data" in err and "--demo" in err
+    in_a_kernel(monkeypatch, "--out", str(tmp_path))
+    assert dr.main() == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "in a cell before this one, write sys.argv[1:] = ['--data', 'DIR']" in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options", ["as the README says", "none"])
+def test_the_file_pasted_into_a_real_jupyter_kernel(options, small_dir, tmp_path):
+    """A notebook cell holding the whole file, in a real ipykernel, after a cell that sets the options the README's
+    way, or with none and no Kaggle folder: its one error line, with no SystemExit traceback or IPython warning."""
+    import nbclient
+    import nbformat
+    out = tmp_path / "out"
+    cells = [nbformat.v4.new_code_cell(open(SCRIPT).read())]
+    if options != "none":
+        argv = tiny_args(small_dir, out, "--archs", "wide")
+        cells.insert(0, nbformat.v4.new_code_cell(f"import sys\nsys.argv[1:] = {argv!r}"))
+    notebook = nbformat.v4.new_notebook(cells=cells)
+    nbclient.NotebookClient(notebook, timeout=600, allow_errors=True,
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = notebook.cells[-1].outputs
+    shown = {name: "".join(o.get("text", "") for o in outputs if o.get("name") == name) for name in ("stdout", "stderr")}
+    assert [o.output_type for o in outputs if o.output_type not in ("stream", "display_data")] == []  # no traceback
+    assert "SystemExit" not in str(outputs) and "To exit" not in str(outputs)
+    if options == "none":
+        assert shown["stderr"].startswith("error: no --data given") and shown["stderr"].count("\n") == 1
+        assert "sys.argv[1:] = ['--data', 'DIR']" in shown["stderr"] and os.listdir(tmp_path) == []
+    else:
+        assert shown["stdout"].rstrip().endswith(f"submission: {out / 'submission.csv'}")
+        assert "error" not in shown["stderr"] and "ignoring" not in shown["stderr"]
+        assert len(pd.read_csv(out / "submission.csv")) == 40
 
 
 def kannada_like(small_dir, folder):
@@ -780,8 +851,25 @@ def write_bad_case(directory, case):
         test["pixel1"] = test["pixel1"].astype(object)
         test.loc[2, "pixel1"] = "\xe9"
         target, expected_text = "test", "line 4, column pixel1: not UTF-8 text"
-    train.to_csv(directory / "train.csv", index=False)
-    test.to_csv(directory / "test.csv", index=False, encoding="latin-1")
+    elif case == "a fold of one training image":  # 2 rows of one digit: each of 2 folds trains on 1
+        train = train.head(2).assign(label=3)
+        expected_text = "2 rows leave a fold fewer than 2 training images"
+    elif case == "test with an unknown id column":
+        test.insert(0, "Id", np.arange(len(test)))
+        target, expected_text = "test", "785 columns, and the first, 'Id', is not an id column of Kaggle's"
+    elif case == "test without a header":  # its first image would be taken for the column names
+        target, expected_text = "test", "the first line is a row of numbers, not a header"
+    kinds = {"tab-separated": ("train", "\t", "utf-8"), "semicolon-separated": ("test", ";", "utf-8"),
+             "UTF-16 (or binary)": ("train", ",", "utf-16"), "gzip-compressed": ("train", ",", "utf-8")}
+    if case in kinds:  # re-saved by a spreadsheet or a compression tool, and still called .csv
+        target, expected_text = kinds[case][0], f"{case}; expected a comma-separated UTF-8 CSV"
+    saved = {"train": {}, "test": {"encoding": "latin-1"}}
+    if case in kinds:
+        saved[target] = dict(zip(("sep", "encoding"), kinds[case][1:]))
+    train.to_csv(directory / "train.csv", index=False, **saved["train"])
+    test.to_csv(directory / "test.csv", index=False, header=case != "test without a header", **saved["test"])
+    if case == "gzip-compressed":
+        (directory / "train.csv").write_bytes(gzip.compress((directory / "train.csv").read_bytes()))
     if case == "empty file":
         (directory / "train.csv").write_text("")
     if case == "missing test file":
@@ -792,7 +880,9 @@ def write_bad_case(directory, case):
 BAD_CASES = ["missing label column", "two label columns", "too few pixel columns", "non-numeric cell", "NA in a label",
              "empty cell", "pixel above 255", "fractional pixel", "pixel beyond int64", "negative pixel",
              "label outside 0-9", "empty file", "header only", "test with a label column",
-             "test with too many pixel columns", "missing test file", "not UTF-8"]
+             "test with too many pixel columns", "missing test file", "not UTF-8", "a fold of one training image",
+             "test with an unknown id column", "test without a header", "tab-separated", "semicolon-separated",
+             "UTF-16 (or binary)", "gzip-compressed"]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
@@ -809,12 +899,25 @@ def test_bad_input_exits_2_with_one_line(case, tmp_path, capsys):
 @pytest.mark.parametrize("args,expected", [
     (["--data", "/no/such/dir"], "/no/such/dir: data directory not found"),
     (["--archs", "resnet,vgg"], "--archs: unknown architecture 'vgg'"),
-    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--epochs", "0"], "--epochs must be from 1 to 10000"),
     (["--folds", "1"], "--folds must be at least 2"),
     (["--epochs", "many"], "argument --epochs: invalid int value: 'many'"),
     (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
     (["--precision", "fp16"], "argument --precision: invalid choice: 'fp16'"),
     (["--folds", "50"], "images, fewer than --folds 50"),
+    (["--limt", "300"], "unknown option '--limt': did you mean --limit?"),  # not the defaults on all the rows
+    (["--epohcs", "1"], "unknown option '--epohcs': did you mean --epochs?"),
+    (["--fre"], "unknown option '--fre': did you mean --fresh?"),  # a prefix is not --fresh
+    (["-f", "kernel.json"], "unknown option '-f'"),  # a script is not a notebook
+    (["extra"], "unknown argument 'extra'"),
+    (["--lr", "inf"], "--lr must be a finite number"), (["--lr", "nan"], "--lr must be a finite number"),
+    (["--weight-decay", "inf"], "--weight-decay must be a finite number"),
+    (["--seed", "-1"], "--seed must be from 0 to 4294967295"),
+    (["--seed", "4294967296"], "--seed must be from 0 to 4294967295"),
+    (["--epochs", "1000000000000000"], "--epochs must be from 1 to 10000"),
+    (["--batch-size", "1000000000000"], "--batch-size must be from 2 to 65536"),
+    (["--demo", "--data", "d"], "--demo and --data do not go together"),
+    (["--predict-only", "--fold", "0"], "--fold and --predict-only do not go together"),
 ])
 def test_bad_options_exit_2_with_one_line(args, expected, small_dir, tmp_path, capsys):
     assert dr.main(["--data", str(small_dir), "--out", str(tmp_path / "out"), *args]) == 2
@@ -827,13 +930,13 @@ def test_every_option_sets_its_config_field():
     cfg = dr.parse_args(["--data", "d", "--out", "o", "--limit", "7", "--archs", "wide", "--folds", "3", "--epochs",
                          "9", "--batch-size", "64", "--lr", "0.5", "--weight-decay", "0.25", "--label-smoothing", "0.2",
                          "--patience", "4", "--seed", "5", "--device", "cpu", "--precision", "float16", "--no-tta",
-                         "--fold", "2,0", "--predict-only", "--fresh", "--processes", "3", "--verbose"])
+                         "--fold", "2,0", "--fresh", "--processes", "3", "--verbose"])
     assert cfg == dr.Config(data="d", out="o", limit=7, archs=("wide",), folds=3, epochs=9, batch_size=64, lr=0.5,
                             weight_decay=0.25, label_smoothing=0.2, patience=4, seed=5, device="cpu",
-                            precision="float16", tta=False, fold=(0, 2), predict_only=True, fresh=True, processes=3,
-                            verbose=True)
+                            precision="float16", tta=False, fold=(0, 2), fresh=True, processes=3, verbose=True)
     unset = {field.name for field in dataclasses.fields(dr.Config) if getattr(cfg, field.name) == field.default}
-    assert unset == {"demo", "predict"}
+    assert unset == {"demo", "predict", "predict_only"}
+    assert dr.parse_args(["--predict-only"]).predict_only
     assert dr.parse_args(["--predict", "a.png", "b.jpg"]).predict == ("a.png", "b.jpg")
     demo = dr.parse_args(["--demo", "--epochs", "7"])
     assert (demo.demo, demo.out, demo.epochs, demo.folds, demo.batch_size) == (True, "demo_run", 7, 2, 32)
@@ -859,6 +962,99 @@ def test_bad_input_from_the_command_line_has_no_traceback(tmp_path):
     assert result.stderr.startswith(f"error: {expected}") and result.stderr.count("\n") == 1
     assert "Traceback" not in result.stdout
     assert not (tmp_path / "submission.csv").exists()
+
+
+# Properties over generated input (Hypothesis, with a fixed seed and number of examples): the README's promise for
+# whatever a user's file or command line holds is the right result or an InputError of one line, never another
+# exception, and nothing written.
+def examples(count):
+    return settings(max_examples=count, derandomize=True, deadline=None, database=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+BAD_CELLS = ["", "NA", "abc", "-1", "256", "12.5", "1e400", "\xe9", "10", " "]  # "10" is bad only as a label
+
+
+@st.composite
+def kaggle_csvs(draw):
+    """(role, the file's bytes, the expected (pixels, labels, id column) or None where an InputError is due)."""
+    role = draw(st.sampled_from(["train", "test"]))
+    rows = draw(st.integers(0, 3))
+    layout = draw(st.sampled_from(["kaggle", "pandas index", "id", "ImageId", "Id", "no header", "783 pixels"]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    pixels, labels = rng.integers(0, 256, (rows, 784)) * (rng.random((rows, 784)) < 0.3), rng.integers(0, 10, rows)
+    frame = pd.DataFrame(pixels, columns=[f"pixel{i}" for i in range(784)])
+    if role == "train":
+        frame.insert(0, "label", labels)
+    ids = np.arange(5, 5 + rows)
+    if layout in ("id", "ImageId", "Id"):
+        frame.insert(0, layout, ids)
+    if layout == "783 pixels":
+        frame = frame.drop(columns="pixel783")
+    frame = frame.astype(object)  # a cell can then hold any text
+    bad = draw(st.none() | st.tuples(st.integers(0, max(rows - 1, 0)), st.integers(0, frame.shape[1] - 1),
+                                     st.sampled_from(BAD_CELLS)))
+    if bad is not None and rows > 0:
+        row, col, cell = bad
+        is_label = frame.columns[col] == "label"
+        is_id = frame.columns[col] in ("id", "ImageId", "Id")
+        if not is_id and (cell != "10" or is_label):
+            frame.iat[row, col] = cell
+        else:
+            bad = None
+    else:
+        bad = None
+    text = frame.to_csv(index=layout == "pandas index", header=layout != "no header")
+    encoding, sep = draw(st.sampled_from([("utf-8", ","), ("utf-8", ","), ("utf-16", ","), ("gzip", ","),
+                                          ("utf-8", "\t"), ("utf-8", ";"), ("latin-1", ",")]))
+    text = text.replace(",", sep)
+    data = gzip.compress(text.encode()) if encoding == "gzip" else text.encode(encoding)
+    fits = layout in ("kaggle", "pandas index") or (role == "test" and layout in ("id", "ImageId"))
+    readable = sep == "," and encoding in ("utf-8", "latin-1") and (encoding == "utf-8" or "\xe9" not in text)
+    if not (fits and readable and rows > 0 and bad is None):
+        return role, data, None
+    return role, data, (pixels, labels if role == "train" else None, (layout, ids) if layout in ("id", "ImageId") else None)
+
+
+@examples(150)
+@given(case=kaggle_csvs())
+def test_any_csv_gives_its_digits_exactly_or_one_line(case, tmp_path):
+    role, data, expected = case
+    folder = tmp_path / str(len(os.listdir(tmp_path)))  # one for each example
+    folder.mkdir()
+    path = folder / f"{role}.csv"
+    path.write_bytes(data)
+    try:
+        pixels, labels, ids = dr.read_digits_csv(str(path), role)
+    except dr.InputError as e:
+        assert expected is None and str(e).startswith(f"{path}: ") and "\n" not in str(e), str(e)
+    else:
+        assert expected is not None, "a file with a fault was read"
+        assert pixels.dtype == np.uint8 and np.array_equal(pixels, expected[0])
+        assert (labels is None) == (expected[1] is None) and (labels is None or np.array_equal(labels, expected[1]))
+        assert (ids is None) == (expected[2] is None)
+        assert ids is None or (ids[0] == expected[2][0] and np.array_equal(ids[1], expected[2][1]))
+    assert os.listdir(folder) == [path.name]
+
+
+OPTION_WORDS = [flag for field in dataclasses.fields(dr.Config) for flag in field.metadata["argparse"].get(
+    "flags", [f"--{field.name.replace('_', '-')}"])] + ["--limt", "--fre", "-f", "--x=1", "--epochs=5"]
+VALUE_WORDS = ["0", "1", "-1", "2", "3", "7", "inf", "-inf", "nan", "1e-3", "1e30", "10000", "10001", "65537", "4294967295",
+               "4294967296", "wide", "resnet,wide", "vgg", "0,1", "a.png", "", "cpu", "cuda", "float16", "auto"]
+
+
+@examples(300)
+@given(argv=st.lists(st.sampled_from(OPTION_WORDS) | st.sampled_from(VALUE_WORDS), max_size=8))
+def test_any_command_line_gives_a_config_within_its_ranges_or_one_line(argv):
+    try:
+        cfg = dr.parse_args(argv)
+    except dr.InputError as e:
+        assert "\n" not in str(e) and str(e)
+        return
+    for field in dataclasses.fields(dr.Config):
+        value, valid = getattr(cfg, field.name), field.metadata["valid"]
+        assert not isinstance(value, float) or math.isfinite(value)
+        assert valid is None or value is None or valid[1](value), (field.name, value)
+    assert all(0 <= k < cfg.folds for k in cfg.fold)
+    assert not any(a in argv and b in argv for a, b in (("--fresh", "--predict-only"), ("--fresh", "--predict")))
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -1054,6 +1250,49 @@ def test_a_tiny_photo_is_read_too(mnist_test_digits, tmp_path):
     assert len(digits) == 1 and correlation(digits[0][1], dr.to_mnist_frame(frames[0])) > 0.6
 
 
+@st.composite
+def pictures(draw):
+    """A picture file's pixels: any size from 1x1 to very thin or large, any of Pillow's common modes, random ink."""
+    side = st.integers(1, 6) | st.integers(7, 60) | st.integers(61, 1500)
+    height, width = draw(side), draw(side)
+    mode = draw(st.sampled_from(["L", "RGB", "RGBA", "LA", "P", "1", "I;16", "I", "F", "CMYK"]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    ground, ink = draw(st.sampled_from([(1.0, 0.0), (0.0, 1.0), (0.6, 0.5)]))  # dark ink, light ink, faint ink
+    pixels = np.full((height, width), ground)
+    for _ in range(draw(st.integers(0, 6))):  # strokes: boxes of any size anywhere
+        top, left = rng.integers(0, height), rng.integers(0, width)
+        pixels[top:top + rng.integers(1, height + 1), left:left + rng.integers(1, width + 1)] = ink
+    pixels = (pixels + rng.normal(0, draw(st.sampled_from([0, 0.05, 0.3])), pixels.shape)).clip(0, 1)
+    return mode, pixels
+
+
+@examples(60)
+@given(picture=pictures())
+def test_any_picture_gives_framed_digits_or_one_line(picture, tmp_path):
+    from PIL import Image
+    mode, pixels = picture
+    if mode == "F":
+        image = Image.fromarray(pixels.astype(np.float32))
+    elif mode.startswith("I"):
+        image = Image.fromarray((pixels * 65535).astype(np.uint16 if mode == "I;16" else np.int32))
+    else:
+        image = Image.fromarray((pixels * 255).astype(np.uint8)).convert(mode)
+    folder = tmp_path / str(len(os.listdir(tmp_path)))  # one for each example
+    folder.mkdir()
+    path = folder / ("picture.tif" if mode in ("F", "I", "CMYK") else "picture.png")
+    image.save(path)
+    try:
+        photo, digits = dr.read_digits(str(path))
+    except dr.InputError as e:
+        assert str(e).startswith(f"{path}: ") and "\n" not in str(e)
+    else:
+        assert photo.ndim == 2 and max(photo.shape) == dr.READ_SIZE and 0 <= photo.min() and photo.max() <= 1 + 1e-6
+        for (top, left, bottom, right), frame in digits:
+            assert 0 <= top < bottom <= photo.shape[0] and 0 <= left < right <= photo.shape[1]
+            assert frame.shape == (28, 28) and torch.isfinite(frame).all() and 0 <= frame.min() <= frame.max() <= 1
+    assert os.listdir(folder) == [path.name]
+
+
 def drawing(frame, kind):
     """A digit as a drawing app or a scanner saves it, and as an ordinary 8-bit grayscale image shows the same page:
     ink alone on a transparent ground (RGBA), or a 16-bit grayscale scan of dark ink on paper. Two PIL images."""
@@ -1098,7 +1337,7 @@ def test_a_number_is_read_left_to_right_one_frame_per_digit(count, mnist_test_di
 
 @pytest.mark.slow
 def test_the_smoke_model_reads_photos_nearly_as_well_as_plain_digits(phone_photos, smoke_run):
-    models = dr.load_ensemble(str(smoke_run), torch.device("cpu"))
+    models = [dr.fold_batchnorm(dr.load_checkpoint(path)[0]) for path in dr.finished_checkpoints(str(smoke_run))]
     def accuracy(frames, labels):
         frames = frames.view(-1, 1, 28, 28)
         probs = torch.stack([dr.predict_probs(m, frames, dr.tta_views()) for m in models]).mean(0)
@@ -1152,6 +1391,27 @@ def test_blank_pages_and_non_images_are_reported_and_the_rest_still_read(phone_p
     assert captured.out.startswith(f"{paths[0]}: ") and (out / "predictions.png").exists()
 
 
+def test_predict_reads_and_draws_every_file_whatever_its_shape_or_name(both_archs_run, mnist_test_digits, tmp_path,
+                                                                       capsys):
+    shutil.copytree(both_archs_run / "checkpoints", tmp_path / "checkpoints")
+    rng = np.random.default_rng(5)
+    thin = {"strip.png": (3, 1000), "stick.png": (1000, 5), "dot.png": (1, 1)}
+    for name, shape in thin.items():
+        pixels = np.full(shape, 255, np.uint8)
+        pixels[:, shape[1] // 3:shape[1] // 3 + max(1, shape[1] // 20)] = 0  # a stroke across it
+        save_photo(pixels, tmp_path / name)
+    digits = ["$x^2$.png", os.fsdecode(b"caf\xe9.png")]  # matplotlib's math markup; a name that is not UTF-8
+    for name in digits:
+        save_photo(phone_photo(mnist_test_digits[0][:1], rng, shadow=False), tmp_path / name)
+    files = [str(tmp_path / name) for name in [*thin, *digits]]
+    assert dr.main(["--predict", *files, "--out", str(tmp_path), "--device", "cpu"]) == 2
+    out, err = capsys.readouterr()
+    assert len(err.splitlines()) == 3 and all(line.startswith("error: ") for line in err.splitlines())
+    assert len(out.splitlines()) == 3 and out.splitlines()[0].startswith(f"{tmp_path / '$x^2$.png'}: ")
+    assert out.splitlines()[1].startswith(f"{tmp_path}/caf\\udce9.png: ")  # escaped, not a UnicodeEncodeError
+    assert (tmp_path / "predictions.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
 def test_predict_without_checkpoints_says_how_to_train(phone_photos, tmp_path, capsys):
     paths, _, _ = phone_photos["plain"]
     assert dr.main(["--predict", str(paths[0]), "--out", str(tmp_path)]) == 2
@@ -1161,6 +1421,26 @@ def test_predict_without_checkpoints_says_how_to_train(phone_photos, tmp_path, c
 
 # -----------------------------------------------------------------------------------------------------------------
 # The 28x28 Kaggle family: Kannada-MNIST's id column, Fashion-MNIST's pixel1.. names, sample_submission.csv
+
+
+@pytest.mark.parametrize("layout,columns,first_id", [
+    ("Digit Recognizer's", ["ImageId", "Label"], 1), ("re-saved with its pandas index", ["ImageId", "Label"], 1),
+    ("with an ImageId column", ["ImageId", "Label"], 11), ("Kannada-MNIST's id column", ["id", "label"], 11)])
+def test_test_csv_layouts_give_kaggles_submission_columns(layout, columns, first_id, small_dir, tmp_path):
+    test = pd.read_csv(small_dir / "test.csv")
+    if layout == "re-saved with its pandas index":  # to_csv() without index=False: a nameless first column
+        (tmp_path / "train.csv").write_text(pd.read_csv(small_dir / "train.csv").to_csv())
+    else:
+        shutil.copy(small_dir / "train.csv", tmp_path / "train.csv")
+    if layout.startswith(("with", "Kannada")):
+        test.insert(0, columns[0], np.arange(11, 11 + len(test)))
+    test.to_csv(tmp_path / "test.csv", index=layout.startswith("re-saved"))
+    data = dr.load_data(dr.Config(data=str(tmp_path), folds=2), torch.device("cpu"))
+    id_name, ids, label_name = data.submission
+    assert [id_name, label_name] == columns and ids[0] == first_id and len(ids) == 40
+    assert torch.equal(data.test_images.flatten(1), torch.from_numpy(pd.read_csv(small_dir / "test.csv").to_numpy(
+        np.uint8)))
+    assert np.array_equal(data.label_array, pd.read_csv(small_dir / "train.csv")["label"])
 
 
 @pytest.mark.slow
@@ -1508,7 +1788,7 @@ def test_two_cpu_processes_equal_one_process(small_dir, tmp_path, uninterrupted)
     double = run_script(long_run_args(small_dir, tmp_path, "--processes", "2"), env=THREADS)
     assert double.returncode == 0, double.stderr
     assert double.stdout.startswith("spreading the jobs over 2 processes\n")
-    assert "[rank 0] wide   fold 1/2" in double.stdout and "[rank 1] wide   fold 2/2" in double.stdout
+    assert "[rank 0] wide_fold0   epoch  1/3" in double.stdout and "[rank 1] wide_fold1   epoch  1/3" in double.stdout
     assert output_bytes(tmp_path) == uninterrupted
 
 
@@ -1643,9 +1923,14 @@ def test_when_one_process_is_killed_the_other_stops_and_the_command_exits_128_pl
                                                         text=True)
     trainers = [pid for pid in processes if "resource_tracker" not in open(f"/proc/{pid}/cmdline").read()]
     assert len(trainers) == 2
+    second = run_script(long_run_args(small_dir, tmp_path, "--epochs", "40", "--patience", "40"))  # the same, again
+    assert second.returncode == 2 and second.stderr.startswith(f"error: {tmp_path}: another command (pid "
+                                                               f"{command.pid}) is running in this --out")
     os.kill(trainers[0], signal.SIGKILL)  # as the kernel's out-of-memory killer would
     _, err = command.communicate(timeout=120)
     assert command.returncode == 128 + signal.SIGKILL and "Traceback" not in err
+    assert err.endswith("error: process 0 of 2 was killed by SIGKILL; the others stopped and saved their state: run "
+                        "the same command again to continue\n")
     assert not still_running(processes) and not list((tmp_path / "checkpoints").glob("wide_fold?.pt"))  # none finished
     assert all(state.exists() for state in states)
 
@@ -1721,6 +2006,97 @@ def test_a_fault_in_kaggle_sized_files_is_one_line(fault, tmp_path, capsys):
         assert dr.main(["--data", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     assert [str(w.message) for w in warned] == [] and capsys.readouterr() == ("", f"error: {expected}\n")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_named_like_a_pattern_is_that_folder_and_no_other(small_dir, tmp_path, capsys):
+    """--out x[1] beside x1: as a glob pattern, x[1] is x1, whose models it would score and whose checkpoints --fresh
+    would delete. And --fresh --predict-only, refused, deletes nothing."""
+    plain, pattern = tmp_path / "x1", tmp_path / "x[1]"
+    assert dr.main(tiny_args(small_dir, plain, "--archs", "wide")) == 0
+    kept = {path.name: path.read_bytes() for path in (plain / "checkpoints").iterdir()}
+    assert dr.main(["--predict-only", "--data", str(small_dir), "--out", str(pattern)]) == 2
+    assert capsys.readouterr().err.count("no finished checkpoints") == 1
+    assert dr.main(tiny_args(small_dir, pattern, "--archs", "wide", "--seed", "7", "--fresh")) == 0
+    assert dr.main(["--predict-only", "--fresh", "--data", str(small_dir), "--out", str(plain)]) == 2
+    assert {path.name: path.read_bytes() for path in (plain / "checkpoints").iterdir()} == kept
+    assert json.loads((pattern / "metrics.json").read_text())["config"]["seed"] == 7
+
+
+def files_in(out):
+    return {path: path.stat().st_mtime_ns for path in out.rglob("*") if ".state.pt" not in path.name}
+
+
+@pytest.mark.slow
+def test_a_second_command_in_a_busy_out_exits_2_before_writing_and_a_sigkill_frees_it(small_dir, tmp_path, capsys):
+    endless = lambda data, out: long_run_args(data, out, "--epochs", "1000", "--patience", "1000")  # hours here
+    process, state = start_until_first_epoch_saved(small_dir, tmp_path, endless, stderr=subprocess.DEVNULL)
+    try:
+        before = files_in(tmp_path)
+        result = run_again(endless(small_dir, tmp_path), capsys)
+        assert result.returncode == 2 and result.stderr == (f"error: {tmp_path}: another command (pid {process.pid}) "
+                                                            "is running in this --out; wait for it to end, or choose "
+                                                            "another --out\n")
+        assert files_in(tmp_path) == before and process.poll() is None
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    result = run_again(long_run_args(small_dir, tmp_path, "--fresh"), capsys)
+    assert result.returncode == 0, result.stderr
+
+
+def test_a_diverged_job_stops_the_command_with_one_line_and_no_submission(small_dir, tmp_path, capsys):
+    assert dr.main(tiny_args(small_dir, tmp_path, "--archs", "wide", "--lr", "1e30")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: wide_fold0: training diverged in epoch 1 (loss nan") and err.count("\n") == 1
+    assert "lower --lr or --weight-decay" in err
+    assert not (tmp_path / "submission.csv").exists() and not list((tmp_path / "checkpoints").glob("*_fold*"))
+
+
+@pytest.mark.parametrize("first,then", [("float32", "float16"), ("float16", "float32")])
+def test_a_job_continues_under_another_precision_and_its_checkpoint_says_which_trained_it(first, then, small_dir,
+                                                                                        tmp_path, monkeypatch):
+    """float32 saves no loss-scaling state, float16 one: a job saved on a CPU or a bfloat16 card goes on on a T4."""
+    def stop_after_the_first_epoch(self, arch, fold, record):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as patch:
+        patch.setattr(dr.Progress, "__call__", stop_after_the_first_epoch)
+        assert dr.main(float16_args(small_dir, tmp_path, "--precision", first)) == 130
+    assert dr.main(float16_args(small_dir, tmp_path, "--precision", then)) == 0
+    names = {"float32": dr.precision_name(None), "float16": dr.precision_name(torch.float16)}
+    checkpoint = torch.load(tmp_path / "checkpoints" / "wide_fold0.pt", weights_only=True)
+    assert [epoch["precision"] for epoch in checkpoint["history"]] == [names[first], names[then]]
+    assert checkpoint["precision"] == f"{names[first]}, then {names[then]}"
+
+
+def test_predict_only_without_archs_uses_the_architectures_it_has_checkpoints_for(small_dir, tmp_path, capsys):
+    assert dr.main(tiny_args(small_dir, tmp_path, "--archs", "wide")) == 0
+    capsys.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert dr.main(["--predict-only", "--data", str(small_dir), "--out", str(tmp_path)]) == 0
+    assert "missing" not in capsys.readouterr().out and [str(w.message) for w in caught] == []
+    assert json.loads((tmp_path / "metrics.json").read_text())["config"]["archs"] == ["wide"]
+
+
+def drop_dac_override():
+    """In the child before it starts: root without CAP_DAC_OVERRIDE heeds permission bits as any user does."""
+    if os.geteuid() == 0:
+        assert ctypes.CDLL(None, use_errno=True).prctl(24, 1, 0, 0, 0) == 0  # PR_CAPBSET_DROP, CAP_DAC_OVERRIDE
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's capabilities")
+def test_an_out_whose_top_cannot_be_written_is_refused_before_training(small_dir, tmp_path):
+    out = tmp_path / "out"
+    (out / "checkpoints").mkdir(parents=True)
+    out.chmod(0o555)  # checkpoints/ can be written; submission.csv could not
+    try:
+        result = subprocess.run([sys.executable, SCRIPT, *tiny_args(small_dir, out)], capture_output=True, text=True,
+                                preexec_fn=drop_dac_override, timeout=300)
+    finally:
+        out.chmod(0o755)
+    assert result.returncode == 2 and "epoch" not in result.stdout
+    assert result.stderr == f"error: {out}: output directory cannot be written (Permission denied)\n"
 
 
 # -----------------------------------------------------------------------------------------------------------------
