@@ -189,9 +189,9 @@ def read_digits_csv(path, role):
         raise InputError(f"{path}: has a 'label' column; test images must be unlabelled "
                          f"(expected {NUM_PIXELS} pixel columns, optionally after an id column)")
     elif len(columns) == NUM_PIXELS + 1:
-        if columns[0] not in SUBMISSION_LABEL:
-            raise InputError(f"{path}: {len(columns)} columns, and the first, {columns[0]!r}, is not an id column of "
-                             f"Kaggle's ({' or '.join(SUBMISSION_LABEL)})")
+        if columns[0] not in SUBMISSION_LABEL or frame[columns[0]].duplicated().any():  # Kaggle refuses a repeat
+            raise InputError(f"{path}: the first of {len(columns)} columns, {columns[0]!r}, is not an id column of "
+                             f"Kaggle's ({' or '.join(SUBMISSION_LABEL)}, one id a row)")
         pixel_columns = columns[1:]
         ids = (columns[0], frame[columns[0]].to_numpy())
     if len(pixel_columns) != NUM_PIXELS:
@@ -644,7 +644,6 @@ def capture_step(step, static_idx, model, optimizer, scaler, generator):
     scaler.load_state_dict(scaling)  # in place, into the tensors the graph reads
     generator.set_state(random_states[0])
     torch.cuda.set_rng_state(random_states[1], device)
-    optimizer._warned_capturable_if_run_uncaptured = True  # its eager steps (the last, smaller batch) are meant so
     return graph
 
 
@@ -847,7 +846,7 @@ def claim_out(cfg):
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except ImportError:
             pass
-        except OSError:
+        except BlockingIOError:
             lock.seek(0)
             raise InputError(f"{cfg.out}: another command (pid {lock.read().strip()}) is running in this --out; wait "
                              "for it to end, or choose another --out") from None
@@ -1507,8 +1506,9 @@ def write_outputs(cfg, data, device, wall_start, setup_seconds, demo_labels=None
         "config": dataclasses.asdict(cfg),
         "device": str(device) if device.type != "cuda" else f"cuda ({torch.cuda.get_device_name(device)})",
         "precision": precision_name(autocast_dtype(device, cfg.precision)),
-        "versions": {"python": platform.python_version(), **{name: importlib.metadata.version(name) for name in (
-            "torch", "torchvision", "numpy", "pandas", "scikit-learn")}},
+        "versions": {"python": platform.python_version(), **{  # torchvision is the tests' reference alone
+            name: next((package.version for package in importlib.metadata.distributions(name=name)), "not installed")
+            for name in ("torch", "torchvision", "numpy", "pandas", "scikit-learn")}},
         "jobs": results,
         "oof_accuracy": oof_acc,
         "wall_seconds": end - wall_start,  # this session: the three parts below, the jobs' starts and their saving
