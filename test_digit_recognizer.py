@@ -1684,7 +1684,7 @@ def test_resume_after_interrupt_during_checkpoint_write(small_dir, tmp_path, uni
     assert dr.main(long_run_args(small_dir, tmp_path)) == 130
     assert "run the same command again to continue" in capsys.readouterr().err
     checkpoints = tmp_path / "checkpoints"
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["wide_fold0.state.pt"]  # no half-written file left
+    assert sorted(p.name for p in checkpoints.glob("wide*")) == ["wide_fold0.state.pt"]  # no half-written file left
     assert torch.load(checkpoints / "wide_fold0.state.pt", weights_only=True)["epoch"] == 1
     (checkpoints / "wide_fold0.state.pt.tmp99999").write_bytes(b"what a SIGKILL mid-write leaves")
     monkeypatch.setattr(dr, "torch_save", real_save)
