@@ -1,4 +1,4 @@
-"""Tests for digit_recognizer.py: a few minutes on two CPU cores, or under a minute without the tests marked slow (the
+"""Tests for digit_recognizer.py: a few minutes on two CPU cores, or about a minute without the tests marked slow (the
 longer runs, the resumes and the tests that start the script as a process). Those that need a GPU have `cuda` in
 their names and are skipped without one.
 
@@ -61,6 +61,15 @@ def small_dir(digits_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_dir(small_dir, tmp_path_factory):
+    """Half of that, for the runs that many tests look at: 120 training rows (6 a digit in a fold), 20 test rows."""
+    directory = tmp_path_factory.mktemp("tiny")
+    pd.read_csv(small_dir / "train.csv").head(120).to_csv(directory / "train.csv", index=False)
+    pd.read_csv(small_dir / "test.csv").head(20).to_csv(directory / "test.csv", index=False)
+    return directory
+
+
+@pytest.fixture(scope="session")
 def digit_images(digits_dir):
     pixels, labels, _ = dr.read_digits_csv(str(digits_dir / "train.csv"), "train")
     return dr.to_image_tensor(pixels[:16], "cpu"), labels[:16]
@@ -69,6 +78,13 @@ def digit_images(digits_dir):
 def tiny_args(data, out, *extra):
     return ["--data", str(data), "--out", str(out), "--epochs", "1", "--folds", "2", "--batch-size", "32",
             "--device", "cpu", *extra]
+
+
+def without_matplotlib(monkeypatch):
+    """As where matplotlib is not installed. Drawing takes a third of a tiny run's time: tests that look at other
+    outputs train this way."""
+    for module in ("matplotlib", "matplotlib.colors", "matplotlib.figure", "matplotlib.ticker"):
+        monkeypatch.setitem(sys.modules, module, None)  # makes "import matplotlib..." raise ImportError
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -393,22 +409,31 @@ def test_checkpoints_record_their_job_and_recipe(smoke_run):
 
 
 @pytest.fixture(scope="session")
-def both_archs_run(small_dir, tmp_path_factory):
+def both_archs_run(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("both")
-    assert dr.main(tiny_args(small_dir, out)) == 0
+    assert dr.main(tiny_args(tiny_dir, out)) == 0
     return out
 
 
-def test_two_seeded_runs_write_identical_files(small_dir, both_archs_run, tmp_path):
-    assert dr.main(tiny_args(small_dir, tmp_path)) == 0
-    for name in ("submission.csv", "oof.csv"):
-        assert (tmp_path / name).read_bytes() == (both_archs_run / name).read_bytes()
+@pytest.fixture(scope="session")
+def wide_run(tiny_dir, tmp_path_factory):
+    """The wide CNN alone: what a `--archs wide` command leaves in its --out."""
+    out = tmp_path_factory.mktemp("wide")
+    assert dr.main(tiny_args(tiny_dir, out, "--archs", "wide")) == 0
+    return out
 
 
-def test_a_run_that_learned_nothing_says_so_next_to_its_submission(small_dir, tmp_path, capsys):
+def test_two_seeded_runs_write_identical_files(tiny_dir, wide_run, tmp_path):
+    assert dr.main(tiny_args(tiny_dir, tmp_path, "--archs", "wide")) == 0
+    for name in ("submission.csv", "oof.csv", *dr.PICTURES):
+        assert (tmp_path / name).read_bytes() == (wide_run / name).read_bytes()
+
+
+def test_a_run_that_learned_nothing_says_so_next_to_its_submission(small_dir, tmp_path, capsys, monkeypatch):
     """A smoke test's one epoch, or a learning rate that moves nothing: the submission is written, and the end of the
     output says not to submit it."""
-    assert dr.main(tiny_args(small_dir, tmp_path, "--archs", "wide", "--lr", "1e-9")) == 0
+    without_matplotlib(monkeypatch)
+    assert dr.main(tiny_args(small_dir, tmp_path, "--archs", "wide", "--lr", "1e-9", "--no-tta")) == 0
     out, err = capsys.readouterr()
     assert "wide_fold1   epoch  1/1" in out  # folds counted as --fold and checkpoints/ count them
     assert out.splitlines()[-1] == f"submission: {tmp_path / 'submission.csv'}"
@@ -417,19 +442,18 @@ def test_a_run_that_learned_nothing_says_so_next_to_its_submission(small_dir, tm
     assert "learned nothing" in json.loads((tmp_path / "metrics.json").read_text())["warning"]
 
 
-def test_a_job_does_not_depend_on_the_jobs_before_it(small_dir, both_archs_run, tmp_path):
+def test_a_job_does_not_depend_on_the_jobs_before_it(both_archs_run, wide_run):
     """The wide models of a resnet+wide run equal those of a wide-only run."""
-    assert dr.main(tiny_args(small_dir, tmp_path, "--archs", "wide")) == 0
     for fold in (0, 1):
         a = torch.load(both_archs_run / "checkpoints" / f"wide_fold{fold}.pt", weights_only=True)["model"]
-        b = torch.load(tmp_path / "checkpoints" / f"wide_fold{fold}.pt", weights_only=True)["model"]
+        b = torch.load(wide_run / "checkpoints" / f"wide_fold{fold}.pt", weights_only=True)["model"]
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("precision,name", [("float32", "float32"), ("bfloat16", "bfloat16 autocast")])
-def test_precision_option_trains_in_that_precision(precision, name, small_dir, both_archs_run, tmp_path):
-    assert dr.main(tiny_args(small_dir, tmp_path, "--archs", "wide", "--precision", precision)) == 0
+def test_precision_option_trains_in_that_precision(precision, name, tiny_dir, both_archs_run, tmp_path):
+    assert dr.main(tiny_args(tiny_dir, tmp_path, "--archs", "wide", "--precision", precision)) == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["precision"] == name and all(j["precision"] == name for j in metrics["jobs"])
     state = torch.load(tmp_path / "checkpoints" / "wide_fold0.pt", weights_only=True)
@@ -522,14 +546,14 @@ def test_validation_runs_in_eval_mode_so_a_checkpoint_repeats_its_accuracy(run, 
         assert again == state["val_acc"] == state["history"][state["epoch"] - 1]["val_acc"]
 
 
-def test_the_ensemble_averages_every_model_and_both_architectures(both_archs_run, small_dir):
+def test_the_ensemble_averages_every_model_and_both_architectures(both_archs_run, tiny_dir):
     """oof.csv: per architecture, each fold's model on its own validation rows; then the mean of the architectures.
     submission.csv: the mean over every model of the test probabilities, each over the 4 views."""
     amp_dtype, views = dr.autocast_dtype(torch.device("cpu")), dr.tta_views()
     checkpoint = lambda arch, fold: str(both_archs_run / "checkpoints" / f"{arch}_fold{fold}.pt")
     models = {(arch, fold): dr.fold_batchnorm(dr.load_checkpoint(checkpoint(arch, fold))[0])
               for arch in ("resnet", "wide") for fold in (0, 1)}
-    folds = validation_rows(small_dir)
+    folds = validation_rows(tiny_dir)
     by_arch = {}
     for arch in ("resnet", "wide"):
         probs = np.zeros((sum(len(rows) for _, _, rows in folds), 10))
@@ -539,7 +563,7 @@ def test_the_ensemble_averages_every_model_and_both_architectures(both_archs_run
     written = pd.read_csv(both_archs_run / "oof.csv")[[f"p{d}" for d in range(10)]].to_numpy()
     assert np.abs(written - (by_arch["resnet"] + by_arch["wide"]) / 2).max() < 2e-6
     assert all(np.abs(written - probs).max() > 1e-3 for probs in by_arch.values())  # neither alone
-    test_pixels, _, _ = dr.read_digits_csv(str(small_dir / "test.csv"), "test")
+    test_pixels, _, _ = dr.read_digits_csv(str(tiny_dir / "test.csv"), "test")
     test_images = dr.to_image_tensor(test_pixels, "cpu")
     test_probs = sum(dr.predict_probs(model, test_images, views, amp_dtype).double() for model in models.values())
     assert pd.read_csv(both_archs_run / "submission.csv")["Label"].tolist() == test_probs.argmax(1).tolist()
@@ -645,6 +669,7 @@ def test_with_both_mounts_the_2026_competition_folder_wins(small_dir, tmp_path, 
 
 def test_a_script_kernel_trains_on_the_competition_and_ignores_notebook_arguments(small_dir, tmp_path, monkeypatch,
                                                                                   capsys):
+    without_matplotlib(monkeypatch)
     copy_data(small_dir, tmp_path / "input" / "competitions" / "digit-recognizer")
     copy_data(small_dir, tmp_path / "input" / "datasets" / "someone" / "mnist-in-csv", test_rows=30)
     monkeypatch.setattr(dr, "KAGGLE_INPUT", str(tmp_path / "input"))
@@ -731,7 +756,9 @@ def test_with_no_data_the_one_folder_under_kaggle_input_is_used(small_dir, tmp_p
     (kaggle_input / "some-dataset" / "images").mkdir(parents=True)  # folders without the CSVs do not count
     monkeypatch.setattr(dr, "KAGGLE_INPUT", str(kaggle_input))
     monkeypatch.chdir(tmp_path)
-    assert dr.main(["--epochs", "1", "--folds", "2", "--archs", "wide", "--batch-size", "32", "--device", "cpu"]) == 0
+    without_matplotlib(monkeypatch)
+    assert dr.main(["--epochs", "1", "--folds", "2", "--archs", "wide", "--batch-size", "32", "--device", "cpu",
+                    "--no-tta"]) == 0
     assert capsys.readouterr().out.splitlines()[0].startswith(f"data: {data} ")
     submission = pd.read_csv(tmp_path / "submission.csv")
     assert list(submission.columns) == ["id", "label"] and submission["id"].tolist() == list(range(40))
@@ -1102,9 +1129,8 @@ def test_tiles_figure_puts_picture_k_in_row_k_over_columns_and_its_title_above_i
 
 @pytest.mark.slow
 def test_pictures_are_skipped_in_one_line_without_matplotlib(small_dir, tmp_path, monkeypatch, capsys):
-    for module in ("matplotlib", "matplotlib.colors", "matplotlib.figure", "matplotlib.ticker"):
-        monkeypatch.setitem(sys.modules, module, None)  # makes "import matplotlib..." raise ImportError
-    assert dr.main(tiny_args(small_dir, tmp_path, "--archs", "wide")) == 0
+    without_matplotlib(monkeypatch)
+    assert dr.main(tiny_args(small_dir, tmp_path, "--archs", "wide", "--no-tta")) == 0
     assert "matplotlib is not installed: skipping curves.png" in capsys.readouterr().out
     assert (tmp_path / "submission.csv").exists()
     assert not any((tmp_path / name).exists() for name in dr.PICTURES)
@@ -1442,7 +1468,7 @@ def test_test_csv_layouts_give_kaggles_submission_columns(layout, columns, first
     else:
         shutil.copy(small_dir / "train.csv", tmp_path / "train.csv")
     if layout.startswith(("with", "Kannada")):
-        test.insert(0, columns[0], np.arange(11, 11 + len(test)))
+        test = pd.concat([pd.DataFrame({columns[0]: np.arange(11, 11 + len(test))}), test], axis=1)
     test.to_csv(tmp_path / "test.csv", index=layout.startswith("re-saved"))
     data = dr.load_data(dr.Config(data=str(tmp_path), folds=2), torch.device("cpu"))
     id_name, ids, label_name = data.submission
@@ -1754,12 +1780,11 @@ def test_device_and_tta_options_do_not_count_as_a_new_recipe(small_dir, tmp_path
                                  "--precision", "float32")) == 0
 
 
-def test_a_corrupt_finished_checkpoint_exits_2_naming_it(small_dir, tmp_path, capsys):
-    assert dr.main(long_run_args(small_dir, tmp_path, "--epochs", "1")) == 0
+def test_a_corrupt_finished_checkpoint_exits_2_naming_it(tiny_dir, wide_run, tmp_path, capsys):
+    shutil.copytree(wide_run / "checkpoints", tmp_path / "checkpoints")
     checkpoint = tmp_path / "checkpoints" / "wide_fold1.pt"
     checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
-    capsys.readouterr()
-    assert dr.main(long_run_args(small_dir, tmp_path, "--epochs", "1")) == 2
+    assert dr.main(tiny_args(tiny_dir, tmp_path, "--archs", "wide")) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {checkpoint}: not a readable checkpoint") and err.count("\n") == 1
 
@@ -1828,12 +1853,11 @@ def test_several_processes_check_the_inputs_once_before_starting(tmp_path, capsy
     assert err.startswith(f"error: {expected}") and err.count("\n") == 1
 
 
-def test_several_processes_refuse_a_changed_recipe_in_one_line_before_starting(small_dir, tmp_path, capsys,
+def test_several_processes_refuse_a_changed_recipe_in_one_line_before_starting(tiny_dir, wide_run, tmp_path, capsys,
                                                                              monkeypatch):
-    assert dr.main(tiny_args(small_dir, tmp_path, "--archs", "wide", "--fold", "0")) == 0
-    capsys.readouterr()
+    shutil.copytree(wide_run / "checkpoints", tmp_path / "checkpoints")
     monkeypatch.setattr(torch.multiprocessing, "start_processes", lambda *a, **k: pytest.fail("started processes"))
-    assert dr.main(tiny_args(small_dir, tmp_path, "--archs", "wide", "--processes", "2", "--seed", "7")) == 2
+    assert dr.main(tiny_args(tiny_dir, tmp_path, "--archs", "wide", "--processes", "2", "--seed", "7")) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "made with a different recipe (seed 42 -> 7)" in err and "--fresh" in err
 
@@ -1960,8 +1984,9 @@ def test_sigterm_to_several_processes_saves_each_and_says_once_how_to_continue(s
 
 def test_a_notebook_cell_trains_in_one_process(small_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.delattr(dr, "__file__")  # code pasted into a cell has no file to start again
+    without_matplotlib(monkeypatch)
     monkeypatch.setattr(torch.multiprocessing, "start_processes", lambda *a, **k: pytest.fail("started processes"))
-    assert dr.main(tiny_args(small_dir, tmp_path, "--processes", "2", "--archs", "wide")) == 0
+    assert dr.main(tiny_args(small_dir, tmp_path, "--processes", "2", "--archs", "wide", "--no-tta")) == 0
     assert "a notebook cell cannot start them: one process trains every job" in capsys.readouterr().out
     assert (tmp_path / "submission.csv").exists()
 
@@ -2017,18 +2042,18 @@ def test_a_fault_in_kaggle_sized_files_is_one_line(fault, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_a_folder_named_like_a_pattern_is_that_folder_and_no_other(small_dir, tmp_path, capsys):
+def test_a_folder_named_like_a_pattern_is_that_folder_and_no_other(tiny_dir, wide_run, tmp_path, capsys):
     """--out x[1] beside x1: as a glob pattern, x[1] is x1, whose models it would score and whose checkpoints --fresh
     would delete. And --fresh --predict-only, refused, deletes nothing."""
     plain, pattern = tmp_path / "x1", tmp_path / "x[1]"
-    assert dr.main(tiny_args(small_dir, plain, "--archs", "wide")) == 0
+    shutil.copytree(wide_run, plain)  # a finished run in x1
     kept = {path.name: path.read_bytes() for path in (plain / "checkpoints").iterdir()}
-    assert dr.main(["--predict-only", "--data", str(small_dir), "--out", str(pattern)]) == 2
+    assert dr.main(["--predict-only", "--data", str(tiny_dir), "--out", str(pattern)]) == 2
     assert capsys.readouterr().err.count("no finished checkpoints") == 1
-    assert dr.main(tiny_args(small_dir, pattern, "--archs", "wide", "--seed", "7", "--fresh")) == 0
-    assert dr.main(["--predict-only", "--fresh", "--data", str(small_dir), "--out", str(plain)]) == 2
+    assert dr.main(tiny_args(tiny_dir, pattern, "--archs", "wide", "--fold", "0", "--seed", "7", "--fresh")) == 0
+    assert dr.main(["--predict-only", "--fresh", "--data", str(tiny_dir), "--out", str(plain)]) == 2
     assert {path.name: path.read_bytes() for path in (plain / "checkpoints").iterdir()} == kept
-    assert json.loads((pattern / "metrics.json").read_text())["config"]["seed"] == 7
+    assert dr.load_checkpoint(str(pattern / "checkpoints" / "wide_fold0.pt"))[1]["config"]["seed"] == 7
 
 
 def files_in(out):
@@ -2061,30 +2086,33 @@ def test_a_diverged_job_stops_the_command_with_one_line_and_no_submission(small_
     assert not (tmp_path / "submission.csv").exists() and not list((tmp_path / "checkpoints").glob("*_fold*"))
 
 
-@pytest.mark.parametrize("first,then", [("float32", "float16"), ("float16", "float32")])
-def test_a_job_continues_under_another_precision_and_its_checkpoint_says_which_trained_it(first, then, small_dir,
-                                                                                        tmp_path, monkeypatch):
-    """float32 saves no loss-scaling state, float16 one: a job saved on a CPU or a bfloat16 card goes on on a T4."""
-    def stop_after_the_first_epoch(self, arch, fold, record):
+def test_a_job_continues_under_another_precision_and_its_checkpoint_says_which_trained_it(small_dir, tmp_path,
+                                                                                        monkeypatch):
+    """float32 saves no loss-scaling state, float16 one: a job saved on a CPU or a bfloat16 card goes on on a T4, and
+    one saved on a T4 goes on on a CPU. Each command here is stopped after the epoch it trained."""
+    def stop_after_each_epoch(self, arch, fold, record):
         raise KeyboardInterrupt
+    precisions = ["float32", "float16", "float32"]
     with monkeypatch.context() as patch:
-        patch.setattr(dr.Progress, "__call__", stop_after_the_first_epoch)
-        assert dr.main(float16_args(small_dir, tmp_path, "--precision", first)) == 130
-    assert dr.main(float16_args(small_dir, tmp_path, "--precision", then)) == 0
+        patch.setattr(dr.Progress, "__call__", stop_after_each_epoch)
+        for precision in precisions[:-1]:
+            assert dr.main(float16_args(small_dir, tmp_path, "--epochs", "3", "--precision", precision)) == 130
+    assert dr.main(float16_args(small_dir, tmp_path, "--epochs", "3", "--precision", precisions[-1])) == 0
     names = {"float32": dr.precision_name(None), "float16": dr.precision_name(torch.float16)}
     checkpoint = torch.load(tmp_path / "checkpoints" / "wide_fold0.pt", weights_only=True)
-    assert [epoch["precision"] for epoch in checkpoint["history"]] == [names[first], names[then]]
-    assert checkpoint["precision"] == f"{names[first]}, then {names[then]}"
+    assert [epoch["precision"] for epoch in checkpoint["history"]] == [names[p] for p in precisions]
+    assert checkpoint["precision"] == f"{names['float32']}, then {names['float16']}"
 
 
-def test_predict_only_without_archs_uses_the_architectures_it_has_checkpoints_for(small_dir, tmp_path, capsys):
-    assert dr.main(tiny_args(small_dir, tmp_path, "--archs", "wide")) == 0
-    capsys.readouterr()
+def test_predict_only_without_archs_uses_the_architectures_it_has_checkpoints_for(tiny_dir, wide_run, tmp_path,
+                                                                                   capsys):
+    shutil.copytree(wide_run / "checkpoints", tmp_path / "checkpoints")  # what `--archs wide` trained
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert dr.main(["--predict-only", "--data", str(small_dir), "--out", str(tmp_path)]) == 0
+        assert dr.main(["--predict-only", "--data", str(tiny_dir), "--out", str(tmp_path)]) == 0
     assert "missing" not in capsys.readouterr().out and [str(w.message) for w in caught] == []
     assert json.loads((tmp_path / "metrics.json").read_text())["config"]["archs"] == ["wide"]
+    assert (tmp_path / "submission.csv").read_bytes() == (wide_run / "submission.csv").read_bytes()
 
 
 def drop_dac_override():
