@@ -42,7 +42,6 @@ import time
 import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -91,7 +90,7 @@ def between(low, high):
     return (f"from {low} to {high}", lambda value: low <= value <= high)
 
 
-@dataclass
+@dataclasses.dataclass
 class Config:
     data: str | None = option(None, "directory with train.csv and test.csv (default: Kaggle's, found in /kaggle/input)",
                               metavar="DIR")
@@ -160,8 +159,9 @@ def read_digits_csv(path, role):
         raise InputError(f"{path}: {kind}; expected a comma-separated UTF-8 CSV, as Kaggle's")
     try:
         # The whole file at once: in chunks, pandas warns of a column's "mixed types" before our one line. No NA
-        # parsing, so that a cell reading NA is named as written; a byte that is not UTF-8 reads as U+FFFD.
-        frame = pd.read_csv(path, low_memory=False, na_filter=False, encoding_errors="replace")
+        # parsing, so that a cell reading NA is named as written; a byte that is not UTF-8 reads as U+FFFD. Absolute
+        # paths, as pandas takes a name starting ~ for $HOME's and one like http://x for an address: a path is a path.
+        frame = pd.read_csv(os.path.abspath(path), low_memory=False, na_filter=False, encoding_errors="replace")
     except pd.errors.EmptyDataError:
         raise InputError(f"{path}: file is empty") from None
     except (pd.errors.ParserError, ValueError) as e:
@@ -219,7 +219,7 @@ def _integers(path, frame, high):
     elif np.isnan(values[row, col]):
         problem = f"{cell!r} is not a number"
     else:
-        problem = f"value {values[row, col]:g} is not an integer in 0-{high}"
+        problem = f"value {cell.strip()} is not an integer in 0-{high}"
     # pandas skips blank lines, so the cell's line is counted in the file, rather than taken to be row + 2.
     with open(path, "rb") as f:
         lines = (number for number, line in enumerate(f, 1) if line.strip())
@@ -235,7 +235,7 @@ def submission_columns(data_dir, test_ids, n_test):
     if not os.path.isfile(sample_path):
         return id_name, ids, label_name
     try:
-        sample = pd.read_csv(sample_path)
+        sample = pd.read_csv(os.path.abspath(sample_path))
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError):
         raise InputError(f"{sample_path}: not a readable CSV") from None
     if len(sample.columns) != 2:
@@ -321,13 +321,9 @@ def draw_augment_params(n, generator, device, size=IMAGE_SIZE):
     RandomPerspective(distortion_scale=0.2, p=0.5), with torchvision's distributions, as (n,)-shaped tensors."""
     u = torch.rand(n, 5, generator=generator, device=device)
     max_shift = 0.1 * size
-    params = dict(
-        angle=u[:, 0] * 30 - 15,
-        translate_x=torch.round(u[:, 1] * 2 * max_shift - max_shift),  # whole pixels, as torchvision rounds
-        translate_y=torch.round(u[:, 2] * 2 * max_shift - max_shift),
-        scale=0.9 + 0.2 * u[:, 3],
-        shear_x=u[:, 4] * 20 - 10,
-    )
+    params = dict(angle=u[:, 0] * 30 - 15, scale=0.9 + 0.2 * u[:, 3], shear_x=u[:, 4] * 20 - 10,
+                  translate_x=torch.round(u[:, 1] * 2 * max_shift - max_shift),  # whole pixels, as torchvision rounds
+                  translate_y=torch.round(u[:, 2] * 2 * max_shift - max_shift))
     # RandomPerspective moves each corner inward by a whole number of pixels in [0, int(0.2 * (size // 2)) + 1).
     bound = int(0.2 * (size // 2)) + 1
     inward = torch.randint(0, bound, (n, 4, 2), generator=generator, device=device).float()
@@ -438,8 +434,7 @@ def resolve_device(name, local_rank=0):
     if name in ("auto", "cuda") and torch.cuda.is_available():
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
         try:  # a card this build has no kernels for (Kaggle's P100 under CUDA 12.8) fails its first one
-            with warnings.catch_warnings():  # torch's own paragraph about such a card: our line says it
-                warnings.simplefilter("ignore")
+            with warnings.catch_warnings(action="ignore"):  # torch's own paragraph about such a card: our line says it
                 torch.ones(1, device=device).add_(1).item()
         except (RuntimeError, AssertionError):
             major, minor = torch.cuda.get_device_capability(device)
@@ -762,7 +757,7 @@ def train_job(cfg, arch, fold, data, device, progress, recipe):
 
 def write_atomic(path, write):
     """write(tmp), then rename tmp to path: the file is whole or absent; a full disk is one line to continue from."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = os.path.abspath(f"{path}.tmp{os.getpid()}")  # absolute, as pandas reads ~ as $HOME (read_digits_csv)
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -838,6 +833,10 @@ def claim_out(cfg):
     """Before the command's first write: lock --out for its life (a second command exits 2 before writing; the lock
     dies with the process, SIGKILL included), probe that it can be written, apply --fresh, clear killed writes."""
     folder = os.path.join(cfg.out, "checkpoints")
+    outputs = [os.path.join(cfg.out, name) for name in ("submission.csv", "oof.csv", "metrics.json", *PICTURES)]
+    jobs = [checkpoint_path(cfg.out, *job, state) for job in training_jobs(cfg) for state in (False, True)]
+    if taken := next((path for path in outputs + jobs if os.path.isdir(path)), None):
+        raise InputError(f"{taken}: a directory, where this command writes a file")
     try:
         os.makedirs(folder, exist_ok=True)
         lock = open(os.path.join(folder, ".lock"), "a+")
@@ -1098,12 +1097,11 @@ def find_digits(photo):
 def read_photo(path):
     """An image file -> (H, W) grayscale float32 in [0, 1], upright, its longer side READ_SIZE pixels."""
     from PIL import Image, ImageOps, UnidentifiedImageError
-    if os.path.isdir(path):
-        raise InputError(f"{path}: a directory, not an image file")
     if not os.path.isfile(path):
-        raise InputError(f"{path}: file not found")
+        raise InputError(f"{path}: {'a directory, not an image file' if os.path.isdir(path) else 'file not found'}")
     try:
-        with Image.open(path) as picture:
+        quiet = warnings.catch_warnings(action="ignore", category=Image.DecompressionBombWarning)  # read to 179 MP
+        with quiet, Image.open(path) as picture:
             picture = ImageOps.exif_transpose(picture)  # phones store the rotation apart from the pixels
             deep = picture.mode.startswith("I")  # 16-bit grayscale: "L" would clip every level above 255 to white
             transparent = "A" in picture.getbands() or "transparency" in picture.info
@@ -1150,8 +1148,7 @@ def write_predictions_picture(out, readings):
     shown = readings[:PICTURED_FILES]
     columns = 1 + max(len(digits) for _, _, digits, _ in shown)
     fig = Figure(figsize=(2.2 + 1.3 * (columns - 1), 2.3 * len(shown)), layout="constrained", dpi=100)
-    axes = fig.subplots(len(shown), columns, squeeze=False,
-                        gridspec_kw={"width_ratios": [2.2] + [1.3] * (columns - 1)})
+    axes = fig.subplots(len(shown), columns, squeeze=False, gridspec_kw={"width_ratios": [2.2] + [1.3] * (columns - 1)})
     for ax in axes.flat:
         ax.axis("off")
     for row, (path, photo, digits, probs) in enumerate(shown):
@@ -1164,7 +1161,8 @@ def write_predictions_picture(out, readings):
         for col, ((_, frame), p) in enumerate(zip(digits, probs), start=1):
             axes[row, col].imshow(frame.numpy(), cmap="gray", vmin=0, vmax=1)
             axes[row, col].set_title(f"{p.argmax().item()}  ({p.max().item():.2f})", fontsize=9)
-    write_atomic(os.path.join(out, "predictions.png"), lambda tmp: fig.savefig(tmp, format="png"))
+    with warnings.catch_warnings(action="ignore", category=UserWarning):  # a glyph the font lacks: drawn as a box
+        write_atomic(os.path.join(out, "predictions.png"), lambda tmp: fig.savefig(tmp, format="png"))
     print(f"wrote {os.path.join(out, 'predictions.png')}"
           + (f" (the first {len(shown)} of {len(readings)} files)" if len(shown) < len(readings) else ""), flush=True)
 
@@ -1205,7 +1203,8 @@ def predict_files(cfg):
 def resolve_data_dir(cfg):
     if cfg.data is not None:
         if not os.path.isdir(cfg.data):
-            raise InputError(f"{cfg.data}: data directory not found (--data)")
+            raise InputError(f"{cfg.data}: {'a file, not a' if os.path.exists(cfg.data) else 'no such'} directory "
+                             "(--data is the folder that holds train.csv and test.csv)")
         return cfg.data
     for folder in (os.path.join(KAGGLE_INPUT, name) for name in KAGGLE_COMPETITION):
         if os.path.isdir(folder):
@@ -1224,7 +1223,7 @@ def resolve_data_dir(cfg):
                      f"{KAGGLE_INPUT} holds train.csv and test.csv: add the competition's data, or {how}")
 
 
-@dataclass
+@dataclasses.dataclass
 class Digits:
     images: torch.Tensor  # (N, 1, 28, 28) float32 in [0, 1] on the training device
     labels: torch.Tensor  # (N,) int64 on the training device
@@ -1307,9 +1306,9 @@ def launch(cfg, processes):
         run(cfg)
         return 0
     logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)  # no "Terminating process" lines
-    if cfg.device != "cpu" and torch.cuda.is_available():  # the card, in a process of its own: a CUDA context here
-        try:  # would hold memory on GPU 0 for as long as this process lives
-            torch.multiprocessing.start_processes(check_device, (cfg,), 1)
+    if cfg.device != "cpu" and torch.cuda.is_available():  # the card, in a process of its own
+        try:
+            torch.multiprocessing.start_processes(train_process, (cfg, 1, None), 1)
         except torch.multiprocessing.ProcessExitedException as e:
             return e.exit_code
     else:
@@ -1342,23 +1341,16 @@ def launch(cfg, processes):
     return 0
 
 
-def check_device(_, cfg):
-    """launch()'s check of the card and --precision, in a process of its own: its one line, exit code 2."""
-    try:
-        autocast_dtype(resolve_device(cfg.device), cfg.precision)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-
-
 def train_process(rank, cfg, world, port):
-    """Process `rank` of launch()'s: run() with torchrun's environment, exiting as main() would."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if "OMP_NUM_THREADS" not in os.environ:  # the cores, shared among the processes
-        torch.set_num_threads(max(1, torch.get_num_threads() // world))
-    signal.signal(signal.SIGTERM, _interrupt)
-    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    """Process `rank` of launch()'s, exiting as main() would: run() with torchrun's environment, or with no port, the
+    launcher's check of the card and --precision (a CUDA context in the launcher would hold GPU memory all along)."""
+    if port is not None:
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        if "OMP_NUM_THREADS" not in os.environ:  # the cores, shared among the processes
+            torch.set_num_threads(max(1, torch.get_num_threads() // world))
+        signal.signal(signal.SIGTERM, _interrupt)
+    if port is not None and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         # Started with SIGINT ignored (a shell's background job, nohup), which we inherit: yet torch has Linux send
         # SIGINT when the launching process dies. Heed that one, from a dead launcher, and ignore a Ctrl-C as asked.
         launcher = os.getppid()
@@ -1368,10 +1360,13 @@ def train_process(rank, cfg, world, port):
                 _interrupt(signum, frame)
         signal.signal(signal.SIGINT, interrupt_once_orphaned)
     try:
-        run(cfg, launched=True)
+        run(cfg, launched=True) if port is not None else autocast_dtype(resolve_device(cfg.device), cfg.precision)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except BrokenPipeError:  # `| head` has gone: the launcher exits with this code, as main() would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
     except KeyboardInterrupt:
         sys.exit(130)
 
@@ -1498,7 +1493,10 @@ def write_outputs(cfg, data, device, wall_start, setup_seconds, demo_labels=None
         write_csv(os.path.join(cfg.out, "oof.csv"), oof_frame, float_format="%.6f")
         write_pictures(cfg, results, labels, oof_probs, data.images,
                        torch.Generator(device=device).manual_seed(cfg.seed))
-    else:
+    else:  # nor an earlier run's: they would describe other models
+        for path in [os.path.join(cfg.out, name) for name in ("oof.csv", *PICTURES)]:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
         print("no architecture has all its folds: no out-of-fold report and no pictures", flush=True)
 
     train_seconds, end = sum(r["train_seconds"] for r in results), time.perf_counter()
@@ -1626,13 +1624,15 @@ def main(argv=None):
         cfg = parse_args(argv)
         if cfg.predict:
             return predict_files(cfg)
-        processes = processes_for(cfg)
-        if processes > 1:
+        if (processes := processes_for(cfg)) > 1:
             return launch(cfg, processes)
         run(cfg)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `| head` took what it wanted: stop quietly, as a Unix tool does (the state is saved)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else the flush at exit raises again
+        return 141  # 128 + SIGPIPE, what a shell reports of a tool that SIGPIPE stopped
     except KeyboardInterrupt:
         if os.environ.get("RANK", "0") == "0":  # one line for all torchrun's processes
             print("interrupted: every job saves its state after each epoch; run the same command again to "

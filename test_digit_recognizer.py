@@ -850,10 +850,14 @@ def write_bad_case(directory, case):
         train["pixel9"] = train["pixel9"].astype(float)
         train.loc[4, "pixel9"] = 12.5
         expected_text = "line 6, column pixel9: value 12.5 is not an integer in 0-255"
+    elif case == "a pixel a hair above 255":  # as written, not rounded to a 255 that would look valid
+        train["pixel9"] = train["pixel9"].astype(float)
+        train.loc[4, "pixel9"] = 255.0000000001
+        expected_text = "line 6, column pixel9: value 255.0000000001 is not an integer in 0-255"
     elif case == "pixel beyond int64":  # pandas keeps such a column as Python ints
         train["pixel3"] = train["pixel3"].astype(object)
         train.loc[2, "pixel3"] = 10**20
-        expected_text = "line 4, column pixel3: value 1e+20 is not an integer in 0-255"
+        expected_text = "line 4, column pixel3: value 100000000000000000000 is not an integer in 0-255"  # as written
     elif case == "negative pixel":
         test.loc[2, "pixel0"] = -1
         target, expected_text = "test", "line 4, column pixel0: value -1 is not an integer in 0-255"
@@ -908,7 +912,8 @@ def write_bad_case(directory, case):
 
 
 BAD_CASES = ["missing label column", "two label columns", "too few pixel columns", "non-numeric cell", "NA in a label",
-             "empty cell", "pixel above 255", "fractional pixel", "pixel beyond int64", "negative pixel",
+             "empty cell", "pixel above 255", "fractional pixel", "a pixel a hair above 255", "pixel beyond int64",
+             "negative pixel",
              "label outside 0-9", "empty file", "header only", "test with a label column",
              "test with too many pixel columns", "missing test file", "not UTF-8", "a fold of one training image",
              "test with an unknown id column", "test with a repeated id", "test without a header", "tab-separated", "semicolon-separated",
@@ -927,7 +932,8 @@ def test_bad_input_exits_2_with_one_line(case, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args,expected", [
-    (["--data", "/no/such/dir"], "/no/such/dir: data directory not found"),
+    (["--data", "/no/such/dir"], "/no/such/dir: no such directory (--data is the folder that holds train.csv"),
+    (["--data", __file__], f"{__file__}: a file, not a directory (--data is the folder"),
     (["--archs", "resnet,vgg"], "--archs: unknown architecture 'vgg'"),
     (["--epochs", "0"], "--epochs must be from 1 to 10000"),
     (["--folds", "1"], "--folds must be at least 2"),
@@ -979,6 +985,16 @@ def test_unwritable_output_is_reported_before_training(small_dir, tmp_path, caps
     assert dr.main(tiny_args(small_dir, blocker / "out")) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {blocker / 'out'}: output directory cannot be written") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("name", ["oof.csv", "samples.png", "checkpoints/wide_fold1.state.pt"])
+def test_an_output_name_taken_by_a_directory_is_refused_before_anything_is_written(name, tiny_dir, tmp_path, capsys):
+    """A folder where the command would write a file: one line before training, not a failed write after it."""
+    (tmp_path / name).mkdir(parents=True)
+    before = sorted(tmp_path.rglob("*"))
+    assert dr.main(tiny_args(tiny_dir, tmp_path, "--archs", "wide")) == 2
+    assert capsys.readouterr() == ("", f"error: {tmp_path / name}: a directory, where this command writes a file\n")
+    assert sorted(tmp_path.rglob("*")) == before
 
 
 @pytest.mark.slow
@@ -1435,16 +1451,32 @@ def test_predict_reads_and_draws_every_file_whatever_its_shape_or_name(both_arch
         pixels = np.full(shape, 255, np.uint8)
         pixels[:, shape[1] // 3:shape[1] // 3 + max(1, shape[1] // 20)] = 0  # a stroke across it
         save_photo(pixels, tmp_path / name)
-    digits = ["$x^2$.png", os.fsdecode(b"caf\xe9.png")]  # matplotlib's math markup; a name that is not UTF-8
+    # matplotlib's math markup; a name that is not UTF-8; letters the font has no glyphs for (drawn as boxes)
+    digits = ["$x^2$.png", os.fsdecode(b"caf\xe9.png"), "\u6570\u5b57.png"]
     for name in digits:
         save_photo(phone_photo(mnist_test_digits[0][:1], rng, shadow=False), tmp_path / name)
     files = [str(tmp_path / name) for name in [*thin, *digits]]
-    assert dr.main(["--predict", *files, "--out", str(tmp_path), "--device", "cpu"]) == 2
+    with warnings.catch_warnings(record=True) as caught:  # what a user would see printed
+        warnings.simplefilter("always")
+        assert dr.main(["--predict", *files, "--out", str(tmp_path), "--device", "cpu"]) == 2
     out, err = capsys.readouterr()
+    assert [str(w.message) for w in caught] == []
     assert len(err.splitlines()) == 3 and all(line.startswith("error: ") for line in err.splitlines())
-    assert len(out.splitlines()) == 3 and out.splitlines()[0].startswith(f"{tmp_path / '$x^2$.png'}: ")
+    assert len(out.splitlines()) == 4 and out.splitlines()[0].startswith(f"{tmp_path / '$x^2$.png'}: ")
     assert out.splitlines()[1].startswith(f"{tmp_path}/caf\\udce9.png: ")  # escaped, not a UnicodeEncodeError
     assert (tmp_path / "predictions.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_a_picture_above_pillows_warning_size_is_read_without_its_warning(tmp_path, monkeypatch):
+    """Pillow warns of a "decompression bomb" above MAX_IMAGE_PIXELS (89 million) and refuses twice that (one line
+    here); between the two, a phone's panorama, the picture is read with nothing printed."""
+    from PIL import Image
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50 * 50)
+    save_photo(np.full((60, 60), 255, np.uint8), tmp_path / "large.png")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert dr.read_photo(str(tmp_path / "large.png")).shape == (dr.READ_SIZE, dr.READ_SIZE)
+    assert [str(w.message) for w in caught] == []
 
 
 def test_predict_without_checkpoints_says_how_to_train(phone_photos, tmp_path, capsys):
@@ -2056,8 +2088,49 @@ def test_a_folder_named_like_a_pattern_is_that_folder_and_no_other(tiny_dir, wid
     assert dr.load_checkpoint(str(pattern / "checkpoints" / "wide_fold0.pt"))[1]["config"]["seed"] == 7
 
 
+def test_a_path_that_starts_with_a_tilde_is_that_folder_not_home(tiny_dir, tmp_path, monkeypatch, capsys):
+    """A shell expands ~ before the script sees it; a quoted '~' (or one in a notebook's sys.argv) is a folder named ~,
+    which pandas, left alone, would read and write as $HOME."""
+    home = tmp_path / "home"
+    copy_data(tiny_dir, home / "data", test_rows=5)  # another test.csv, to read by mistake
+    copy_data(tiny_dir, tmp_path / "~" / "data")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    without_matplotlib(monkeypatch)
+    assert dr.main(tiny_args("~/data", "~/out", "--archs", "wide", "--no-tta")) == 0
+    assert len(pd.read_csv(tmp_path / "~" / "out" / "submission.csv")) == 20  # the folder's own 20 test rows
+    assert sorted(path.name for path in home.rglob("*")) == ["data", "test.csv", "train.csv"]  # nothing written
+
+
+def test_fresh_removes_the_outputs_it_cannot_redo(tiny_dir, wide_run, tmp_path):
+    """--fresh --fold 0 after a full run: fold 0's submission, and no out-of-fold file or pictures of the old models."""
+    shutil.copytree(wide_run, tmp_path / "out")
+    assert dr.main(tiny_args(tiny_dir, tmp_path / "out", "--archs", "wide", "--fresh", "--fold", "0")) == 0
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["checkpoints", "metrics.json",
+                                                                          "submission.csv"]
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["oof_accuracy"] == {}
+
+
 def files_in(out):
     return {path: path.stat().st_mtime_ns for path in out.rglob("*") if ".state.pt" not in path.name}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes,first_line", [("1", "device cpu"), ("2", "spreading the jobs over 2 processes")])
+def test_output_piped_into_head_ends_the_command_quietly(processes, first_line, tiny_dir, tmp_path):
+    """`python digit_recognizer.py ... | head -1`: once head has its line and goes, the command stops as a Unix tool
+    does, with 141 (128 + SIGPIPE) and no BrokenPipeError traceback. The jobs would train for hours."""
+    args = tiny_args(tiny_dir, tmp_path, "--archs", "wide", "--epochs", "1000", "--patience", "1000", "--processes",
+                     processes)
+    process = subprocess.Popen([sys.executable, SCRIPT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env={**os.environ, **THREADS})
+    first = process.stdout.readline()
+    process.stdout.close()  # head -1 exits
+    try:
+        assert process.wait(timeout=300) == 141 and process.stderr.read() == ""
+    finally:
+        process.kill()
+    assert first.startswith(first_line)
 
 
 @pytest.mark.slow
