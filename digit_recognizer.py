@@ -10,7 +10,6 @@ over 10 models x 4 fixed test-time views. Measured results and speeds: BENCHMARK
     python digit_recognizer.py --data DIR --archs wide --folds 2 --epochs 6 --out runs/quick
     python digit_recognizer.py --data DIR --processes 2                # jobs over 2 processes (default: one per GPU)
     python digit_recognizer.py --predict year.jpg --out runs/quick     # read the digits in your own pictures
-    pytest test_digit_recognizer.py
 
 On Kaggle, paste this file into a script kernel and run it as it is: with no --data it reads the competition's
 folder under /kaggle/input and writes to the working directory. An interrupted run continues where it stopped
@@ -37,6 +36,7 @@ import platform
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -838,7 +838,8 @@ def claim_out(cfg):
     if taken := next((path for path in outputs + jobs if os.path.isdir(path)), None):
         raise InputError(f"{taken}: a directory, where this command writes a file")
     try:
-        os.makedirs(folder, exist_ok=True)
+        for directory in (os.path.join(cfg.out, "demo_data"), folder) if cfg.demo else (folder,):
+            os.makedirs(directory, exist_ok=True)
         lock = open(os.path.join(folder, ".lock"), "a+")
         try:
             import fcntl  # Linux and macOS: on Windows nothing locks --out
@@ -1398,18 +1399,17 @@ def train_and_predict(cfg, rank, world, local_rank, claim):
     wall_start, demo_labels = time.perf_counter(), None
     device = resolve_device(cfg.device, local_rank)
     amp_dtype = autocast_dtype(device, cfg.precision)  # may refuse --precision: before anything is written
-    if not cfg.demo:
-        data, recipe = check_inputs(cfg, device)
+    if cfg.demo:  # made and checked aside first: a demo that is refused writes nothing in --out
+        aside = tempfile.TemporaryDirectory()  # (removed when the run ends)
+        cfg.data, demo_labels = aside.name, make_demo_data(aside.name, seed=cfg.seed)
+    data, recipe = check_inputs(cfg, device)
     with claim_out(cfg) if claim else contextlib.nullcontext():  # the command's first write in --out comes after
-        if cfg.demo:
+        if cfg.demo:  # the same files, for the user to look at
             cfg.data = os.path.join(cfg.out, "demo_data")
-            demo_labels = make_demo_data(cfg.data, seed=cfg.seed)
-            data, recipe = check_inputs(cfg, device)
+            make_demo_data(cfg.data, seed=cfg.seed)
         if world > 1:  # rank 0 has claimed --out
             torch.distributed.barrier()
-        if device.type == "cuda":  # the same seed gives the same files: no autotuner that may pick other kernels
-            torch.backends.cudnn.benchmark = False
-            torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True  # same seed, same GPU kernels
         mine = training_jobs(cfg)[rank::world]  # every job seeds itself, so the split cannot change any result
         if mine:
             print(f"{'[rank %d] ' % rank if world > 1 else ''}device {device} ({precision_name(amp_dtype)}), "

@@ -2088,6 +2088,23 @@ def test_a_folder_named_like_a_pattern_is_that_folder_and_no_other(tiny_dir, wid
     assert dr.load_checkpoint(str(pattern / "checkpoints" / "wide_fold0.pt"))[1]["config"]["seed"] == 7
 
 
+def test_a_demo_that_is_refused_writes_nothing_in_out(wide_run, tmp_path, capsys):
+    """--demo makes its data and checks it before anything is written: another recipe's checkpoints in --out, or a
+    file where it would put demo_data/, are one line, and --out is as it was."""
+    out = tmp_path / "out"
+    shutil.copytree(wide_run / "checkpoints", out / "checkpoints")
+    before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    assert dr.main(["--demo", "--out", str(out), "--archs", "wide", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "made with a different recipe" in err and err.count("\n") == 1
+    assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
+    (tmp_path / "other" / "demo_data").parent.mkdir()
+    (tmp_path / "other" / "demo_data").write_text("a file")
+    assert dr.main(["--demo", "--out", str(tmp_path / "other"), "--epochs", "1", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'other'}: output directory cannot be written (File exists)\n"
+    assert os.listdir(tmp_path / "other") == ["demo_data"]
+
+
 def test_a_path_that_starts_with_a_tilde_is_that_folder_not_home(tiny_dir, tmp_path, monkeypatch, capsys):
     """A shell expands ~ before the script sees it; a quoted '~' (or one in a notebook's sys.argv) is a folder named ~,
     which pandas, left alone, would read and write as $HOME."""
