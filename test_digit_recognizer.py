@@ -51,22 +51,22 @@ def digits_dir(tmp_path_factory):
     return directory
 
 
+def first_rows(source, directory, train_rows, test_rows):
+    for name, rows in (("train.csv", train_rows), ("test.csv", test_rows)):
+        pd.read_csv(source / name).head(rows).to_csv(directory / name, index=False)
+    return directory
+
+
 @pytest.fixture(scope="session")
 def small_dir(digits_dir, tmp_path_factory):
     """A small copy for fast runs: 240 training rows, 40 test rows."""
-    directory = tmp_path_factory.mktemp("small")
-    pd.read_csv(digits_dir / "train.csv").head(240).to_csv(directory / "train.csv", index=False)
-    pd.read_csv(digits_dir / "test.csv").head(40).to_csv(directory / "test.csv", index=False)
-    return directory
+    return first_rows(digits_dir, tmp_path_factory.mktemp("small"), 240, 40)
 
 
 @pytest.fixture(scope="session")
 def tiny_dir(small_dir, tmp_path_factory):
     """Half of that, for the runs that many tests look at: 120 training rows (6 a digit in a fold), 20 test rows."""
-    directory = tmp_path_factory.mktemp("tiny")
-    pd.read_csv(small_dir / "train.csv").head(120).to_csv(directory / "train.csv", index=False)
-    pd.read_csv(small_dir / "test.csv").head(20).to_csv(directory / "test.csv", index=False)
-    return directory
+    return first_rows(small_dir, tmp_path_factory.mktemp("tiny"), 120, 20)
 
 
 @pytest.fixture(scope="session")
