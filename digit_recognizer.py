@@ -22,6 +22,7 @@ import dataclasses
 import datetime
 import difflib
 import fnmatch
+import functools
 import glob
 import hashlib
 import importlib.metadata
@@ -324,15 +325,15 @@ def draw_augment_params(n, generator, device, size=IMAGE_SIZE):
     params = dict(angle=u[:, 0] * 30 - 15, scale=0.9 + 0.2 * u[:, 3], shear_x=u[:, 4] * 20 - 10,
                   translate_x=torch.round(u[:, 1] * 2 * max_shift - max_shift),  # whole pixels, as torchvision rounds
                   translate_y=torch.round(u[:, 2] * 2 * max_shift - max_shift))
-    # RandomPerspective moves each corner inward by a whole number of pixels in [0, int(0.2 * (size // 2)) + 1).
+    # RandomPerspective moves each corner (top-left, top-right, bottom-right, bottom-left) inward by a whole number of
+    # pixels in [0, int(0.2 * (size // 2)) + 1), along these directions, made on the device: a graph cannot copy them.
     bound = int(0.2 * (size // 2)) + 1
     inward = torch.randint(0, bound, (n, 4, 2), generator=generator, device=device).float()
     params["perspective"] = torch.rand(n, generator=generator, device=device) < 0.5  # (n,) bool
-    # Inward directions of the corners (top-left, top-right, bottom-right, bottom-left): (1, 1), (-1, 1), (-1, -1),
-    # (1, -1), made on the device rather than copied from the host, so that a CUDA graph can capture this.
-    corner = torch.arange(4, device=device)
-    direction = 1.0 - 2 * torch.stack([(corner + 1) // 2 % 2, corner // 2], -1)  # (4, 2)
-    corners = (size - 1.0) * (1 - direction) / 2
+    direction = torch.ones(4, 2, device=device)
+    direction[1:3, 0] = -1  # the right-hand corners move left
+    direction[2:4, 1] = -1  # the bottom corners move up
+    corners = (size - 1.0) * (direction < 0)  # each corner's pixel: 0 or size - 1
     params["endpoints"] = corners + direction * inward * params["perspective"].view(n, 1, 1)  # (n, 4, 2)
     return params
 
@@ -546,6 +547,174 @@ def job_seed(seed, arch, fold):
     return int(np.random.SeedSequence([seed, zlib.crc32(arch.encode()), fold]).generate_state(1)[0])
 
 
+def train_step(model, optimizer, scaler, images, labels, batch_idx, generator, amp_dtype, cfg, totals):
+    """One optimizer step on the batch images[batch_idx]; adds its loss and correct count into totals (device)."""
+    batch = augment(images[batch_idx], generator).contiguous(memory_format=memory_format_for(images.device))
+    batch_labels = labels[batch_idx]
+    # No autocast weight cache: a CUDA graph must cast the weights inside every replay.
+    with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None, cache_enabled=False):
+        logits = model(batch)
+    loss = F.cross_entropy(logits.float(), batch_labels, label_smoothing=cfg.label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    with onednn_enabled(not (images.device.type == "cpu" and amp_dtype == torch.float16)):
+        scaler.scale(loss).backward()  # float16's loss scaling; the identity in other precisions
+    scaler.step(optimizer)  # with float16, a step whose gradients overflowed is skipped
+    scaler.update()
+    totals["loss_sum"] += loss.detach() * len(batch_idx)
+    totals["correct"] += (logits.argmax(1) == batch_labels).sum()
+
+
+def train_job(cfg, arch, fold, data, device, progress, recipe):
+    """Train one (architecture, fold) job and write its finished checkpoint: the best epoch's weights. The machinery
+    (resume, the CUDA graph, the saving thread) is in the helpers named below, under "Resume" and "CUDA graphs"."""
+    train_idx, val_idx = data.folds[fold]
+    train_images, train_labels = data.images[train_idx], data.labels[train_idx]
+    val_images, val_labels = data.images[val_idx], data.label_array[val_idx.cpu().numpy()]
+    seed = job_seed(cfg.seed, arch, fold)
+    torch.manual_seed(seed)  # model init (on the CPU, so the same on every device) and dropout
+    generator = torch.Generator(device=device).manual_seed(seed)  # shuffling and augmentation
+    amp_dtype, graphed = autocast_dtype(device, cfg.precision), uses_cuda_graph(device, len(train_idx), cfg.batch_size)
+
+    model = ARCHITECTURES[arch]().to(device, memory_format=memory_format_for(device))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  **adamw_implementation(amp_dtype, graphed))
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # float16 only: loss scaling
+    state_path = checkpoint_path(cfg.out, arch, fold, in_progress=True)
+    parts = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)  # what a resume restores
+    job = resume_job(state_path, parts, generator, device, seed, progress, arch, fold)
+    totals = {"loss_sum": torch.zeros((), device=device), "correct": torch.zeros((), dtype=torch.long, device=device)}
+
+    def step(batch_idx):
+        train_step(model, optimizer, scaler, train_images, train_labels, batch_idx, generator, amp_dtype, cfg, totals)
+    if graphed:
+        step = graph_full_batches(step, cfg.batch_size, parts, generator)
+    n_train = len(train_images)
+    n_used = n_train - 1 if n_train % cfg.batch_size == 1 else n_train  # BatchNorm cannot train on a batch of one
+
+    with StateSaver(state_path) as saver:
+        while job["epoch"] < cfg.epochs and job["stale"] < cfg.patience:
+            job["epoch"] += 1
+            epoch_start = time.perf_counter()
+            model.train()
+            for total in totals.values():
+                total.zero_()
+            order = torch.randperm(n_train, generator=generator, device=device)[:n_used]  # shuffle
+            for batch_idx in order.split(cfg.batch_size):
+                step(batch_idx)  # augment, forward, loss with label smoothing, backward, AdamW
+            lr = float(optimizer.param_groups[0]["lr"])
+            scheduler.step()  # the cosine schedule moves once an epoch
+            train_loss = totals["loss_sum"].item() / n_used
+            check_finite(model, train_loss, f"{arch}_fold{fold}", job["epoch"])
+            val_acc = validation_accuracy(model, val_images, val_labels, amp_dtype)
+            if val_acc > job["best_acc"]:  # keep the best epoch's weights
+                job.update(best_acc=val_acc, best_epoch=job["epoch"], stale=0, best_state=host_copy(model.state_dict()))
+            else:  # early stopping counts the epochs without a better one
+                job["stale"] += 1
+            seconds = time.perf_counter() - epoch_start
+            record = dict(epoch=job["epoch"], train_loss=train_loss, train_acc=totals["correct"].item() / n_used,
+                          val_acc=val_acc, lr=lr, seconds=seconds, precision=precision_name(amp_dtype))
+            job["history"].append(record)
+            job["train_seconds"] += seconds
+            saver.save(job_state(job, parts, generator, recipe))
+            progress(arch, fold, record)
+    progress.epochs_left -= cfg.epochs - job["epoch"]
+
+    finished = {"model": job["best_state"], "arch": arch, "fold": fold, "epoch": job["best_epoch"],
+                "val_acc": job["best_acc"], "config": dataclasses.asdict(cfg), "recipe": recipe, "finished": True,
+                "history": job["history"], "train_seconds": job["train_seconds"],
+                "images_trained": n_used * len(job["history"]), "precision": ", then ".join(dict.fromkeys(
+                    h.get("precision", "unknown") for h in job["history"]))}  # each epoch's, in order
+    write_atomic(checkpoint_path(cfg.out, arch, fold), functools.partial(torch_save, finished))
+    os.remove(state_path)
+
+
+def validation_accuracy(model, images, labels, amp_dtype):
+    """Accuracy as the ensemble will predict: BatchNorm folded as in predict_jobs (on a copy, as training goes on),
+    the plain images only."""
+    probs = predict_probs(fold_batchnorm(model), images, tta_views(tta=False), amp_dtype)
+    return float((probs.argmax(1).numpy() == labels).mean())
+
+
+def check_finite(model, train_loss, job_name, epoch):
+    """A job whose loss or weights are no longer finite stops the command (float16's skipped steps leave both finite)."""
+    weights_finite = all(t.isfinite().all() for t in model.state_dict().values())
+    if not (math.isfinite(train_loss) and weights_finite):
+        raise InputError(f"{job_name}: training diverged in epoch {epoch} (loss {train_loss:g}, weights no longer "
+                         "finite), so nothing is written from it: lower --lr or --weight-decay (a new recipe: another "
+                         "--out, or --fresh)")
+
+
+@contextlib.contextmanager
+def onednn_enabled(enabled):
+    """float16 on the CPU runs the T4's arithmetic for the tests, but oneDNN's float16 convolution backward is 8x
+    slower than PyTorch's own: that backward runs without oneDNN."""
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = before and enabled
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = before
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Resume: each epoch saves a job's whole state, so a run killed anywhere continues to the weights of one never stopped
+
+
+def job_state(job, parts, generator, recipe):
+    """The job's progress, every part's state_dict and the random streams, copied to the host: the next epoch can
+    train while a thread writes this."""
+    device = generator.device
+    return host_copy({**job, **{name: part.state_dict() for name, part in parts.items()},
+                      "rng": rng_states(generator, device), "recipe": recipe})
+
+
+def resume_job(path, parts, generator, device, seed, progress, arch, fold):
+    """A job's progress (epoch, best so far, history): a fresh one, or the saved state's, loaded into parts and the
+    random streams. An unreadable state (a disk fault: writes are atomic) redoes at most the epochs it held."""
+    job = dict(epoch=0, best_acc=-1.0, best_epoch=0, best_state=None, stale=0, history=[], train_seconds=0.0)
+    try:
+        saved = torch.load(path, map_location=device, weights_only=True) if os.path.exists(path) else None
+    except Exception as e:
+        print(f"warning: {path}: unreadable ({type(e).__name__}); that job starts over", file=sys.stderr)
+        saved = None
+    if saved is None:
+        return job
+    optimizer = parts["optimizer"]
+    implementation = {key: optimizer.defaults[key] for key in ("foreach", "fused", "capturable")}
+    for name, part in parts.items():
+        if saved[name]:  # the scaler's is {} from a run without loss scaling (another precision): ours starts afresh
+            part.load_state_dict(saved[name])
+    # How AdamW runs is this session's choice, whatever kind of run saved the state: a graphed GPU run's capturable
+    # AdamW with a device-tensor learning rate fails on the CPU (graph_full_batches makes its own).
+    for group in optimizer.param_groups:
+        group.update(implementation, lr=float(group["lr"]))
+    job = {key: saved[key] for key in job}
+    same_streams = set_rng_states(saved["rng"], generator, device, seed + job["epoch"])
+    progress.say(arch, fold, f"resumes after epoch {job['epoch']}" + ("" if same_streams else " (saved on another "
+                 "kind of device: its random streams start afresh)"), job["epoch"])
+    return job
+
+
+class StateSaver(ThreadPoolExecutor):
+    """Writes each epoch's state on a second thread while the next epoch trains: one write at a time, in epoch order;
+    a failed write raises at the next save or at the end. Leaving waits for the last write, Ctrl-C included."""
+
+    def __init__(self, path):
+        super().__init__(max_workers=1)
+        self.path, self.writing = path, None
+
+    def save(self, state):
+        if self.writing is not None:
+            self.writing.result()
+        self.writing = self.submit(write_atomic, self.path, functools.partial(torch_save, state))
+
+    def __exit__(self, error_type, error, traceback):
+        super().__exit__(error_type, error, traceback)
+        if error_type is None and self.writing is not None:
+            self.writing.result()
+
+
 def rng_states(generator, device):
     states = {"cpu": torch.get_rng_state(), "generator": generator.get_state()}
     if device.type != "cpu":  # torch.cuda or torch.mps: the current device's default generator
@@ -579,33 +748,38 @@ def set_rng_states(states, generator, device, seed):
     return True
 
 
-def train_step(model, optimizer, scaler, images, labels, batch_idx, generator, amp_dtype, cfg, totals):
-    """One optimizer step on the batch images[batch_idx]; adds its loss and correct count into totals (device)."""
-    memory_format = memory_format_for(images.device)
-    batch = augment(images[batch_idx], generator).contiguous(memory_format=memory_format)
-    batch_labels = labels[batch_idx]
-    # No autocast weight cache: a CUDA graph must cast the weights inside every replay.
-    with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None, cache_enabled=False):
-        logits = model(batch)
-    loss = F.cross_entropy(logits.float(), batch_labels, label_smoothing=cfg.label_smoothing)
-    optimizer.zero_grad(set_to_none=True)
-    # float16 on the CPU runs the T4's arithmetic: oneDNN's float16 convolution backward is 8x slower than PyTorch's.
-    onednn = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = onednn and not (images.device.type == "cpu" and amp_dtype == torch.float16)
-    try:
-        scaler.scale(loss).backward()
-    finally:
-        torch.backends.mkldnn.enabled = onednn
-    scaler.step(optimizer)
-    scaler.update()
-    totals["loss_sum"] += loss.detach() * len(batch_idx)
-    totals["correct"] += (logits.argmax(1) == batch_labels).sum()
+# -----------------------------------------------------------------------------------------------------------------
+# CUDA graphs: on a GPU a full batch's whole step (augmentation, forward, backward, AdamW) is one graph replay, as a
+# batch of 128 digits is some 470 kernels, too small to keep a GPU busy when launched one by one
 
 
-def adamw(params, cfg, amp_dtype, capturable=False):
-    """AdamW of the recipe; with float16 the fused one, which skips an overflowed step on the device (a graph can)."""
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, capturable=capturable,
-                             fused=amp_dtype == torch.float16 or None)
+def uses_cuda_graph(device, n_train, batch_size):
+    return device.type == "cuda" and hasattr(torch.cuda.CUDAGraph, "register_generator_state") and \
+        n_train >= batch_size
+
+
+def adamw_implementation(amp_dtype, graphed=False):
+    """AdamW's options for this run: capturable in a graph (its step count and learning rate live on the device), and
+    with float16 the fused one, which skips an overflowed step on the device (where a graph can)."""
+    return dict(capturable=graphed, fused=amp_dtype == torch.float16 or None)
+
+
+def graph_full_batches(step, batch_size, parts, generator):
+    """step, with each full batch replayed from one CUDA graph of it; the last, smaller batch runs as it is."""
+    device = generator.device
+    for group in parts["optimizer"].param_groups:  # capturable AdamW reads its learning rate on the device
+        group["lr"] = torch.tensor(group["lr"], device=device)
+    static_idx = torch.arange(batch_size, device=device)  # the graph's input: a batch's indices
+    parts["model"].train()
+    graph = capture_step(step, static_idx, parts["model"], parts["optimizer"], parts["scaler"], generator)
+
+    def replay_or_step(batch_idx):
+        if len(batch_idx) == batch_size:
+            static_idx.copy_(batch_idx)
+            graph.replay()
+        else:
+            step(batch_idx)
+    return replay_or_step
 
 
 def capture_step(step, static_idx, model, optimizer, scaler, generator):
@@ -640,115 +814,6 @@ def capture_step(step, static_idx, model, optimizer, scaler, generator):
     generator.set_state(random_states[0])
     torch.cuda.set_rng_state(random_states[1], device)
     return graph
-
-
-def train_job(cfg, arch, fold, data, device, progress, recipe):
-    """Train one (architecture, fold) job and write its finished checkpoint (the best epoch's weights). Each epoch
-    saves the whole state: a run killed anywhere continues from it to the weights of a run never interrupted."""
-    train_idx, val_idx = data.folds[fold]
-    train_images, train_labels = data.images[train_idx], data.labels[train_idx]
-    val_images, val_labels = data.images[val_idx], data.label_array[val_idx.cpu().numpy()]
-    seed = job_seed(cfg.seed, arch, fold)
-    torch.manual_seed(seed)  # model init (on the CPU, so the same on every device) and dropout
-    generator = torch.Generator(device=device).manual_seed(seed)  # shuffling and augmentation
-    amp_dtype, memory_format = autocast_dtype(device, cfg.precision), memory_format_for(device)
-    # On a GPU a full batch's whole step (augmentation, forward, backward, AdamW) is one CUDA graph replay: a batch
-    # of 128 digits is some 470 kernels too small to keep a GPU busy when launched one by one.
-    graphed = device.type == "cuda" and hasattr(torch.cuda.CUDAGraph, "register_generator_state") and \
-        len(train_idx) >= cfg.batch_size
-
-    model = ARCHITECTURES[arch]().to(device, memory_format=memory_format)
-    # In a CUDA graph, AdamW's step count and learning rate live on the device (capturable).
-    optimizer = adamw(model.parameters(), cfg, amp_dtype, capturable=graphed)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    n_train = len(train_images)
-    # BatchNorm cannot train on a batch of one image: drop a trailing batch of that size.
-    n_used = n_train - 1 if n_train % cfg.batch_size == 1 else n_train
-
-    state_path = checkpoint_path(cfg.out, arch, fold, in_progress=True)
-    job = dict(epoch=0, best_acc=-1.0, best_epoch=0, best_state=None, stale=0, history=[], train_seconds=0.0)
-    saved = None
-    try:  # an unreadable state (a disk fault: writes are atomic) redoes at most the epochs it held
-        saved = torch.load(state_path, map_location=device, weights_only=True) if os.path.exists(state_path) else None
-    except Exception as e:
-        print(f"warning: {state_path}: unreadable ({type(e).__name__}); that job starts over", file=sys.stderr)
-    implementation = {key: optimizer.defaults[key] for key in ("foreach", "fused", "capturable")}
-    if saved is not None:
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        if saved["scaler"]:  # {} from a run without loss scaling (another precision): this one's starts afresh
-            scaler.load_state_dict(saved["scaler"])
-        job = {key: saved[key] for key in job}
-        same_streams = set_rng_states(saved["rng"], generator, device, seed + job["epoch"])
-        progress.say(arch, fold, f"resumes after epoch {job['epoch']}" + ("" if same_streams else " (saved on another "
-                     "kind of device: its random streams start afresh)"), job["epoch"])
-    # How AdamW runs, and the learning rate's type, are this session's choice, whatever kind of run saved the state:
-    # a graphed GPU run's capturable AdamW fails on the CPU, and a CPU run's fails in a graph.
-    for group in optimizer.param_groups:
-        group.update(implementation)
-        group["lr"] = torch.tensor(float(group["lr"]), device=device) if graphed else float(group["lr"])
-    scheduler.base_lrs = [float(lr) for lr in scheduler.base_lrs]
-    totals = {"loss_sum": torch.zeros((), device=device), "correct": torch.zeros((), dtype=torch.long, device=device)}
-    step = lambda batch_idx: train_step(model, optimizer, scaler, train_images, train_labels, batch_idx, generator,
-                                        amp_dtype, cfg, totals)
-    static_idx = torch.arange(cfg.batch_size, device=device) if graphed else None  # the graph's input: a batch
-    model.train()
-    graph = capture_step(step, static_idx, model, optimizer, scaler, generator) if graphed else None
-
-    # Each epoch's state is copied to the host and written by a second thread while the next epoch trains.
-    saving = None
-    with ThreadPoolExecutor(max_workers=1) as saver:  # leaving waits for the last write, Ctrl-C included
-        while job["epoch"] < cfg.epochs and job["stale"] < cfg.patience:
-            job["epoch"] += 1
-            epoch_start = time.perf_counter()
-            model.train()
-            for total in totals.values():
-                total.zero_()
-            order = torch.randperm(n_train, generator=generator, device=device)[:n_used]
-            for batch_idx in order.split(cfg.batch_size):
-                if graph is not None and len(batch_idx) == cfg.batch_size:
-                    static_idx.copy_(batch_idx)
-                    graph.replay()
-                else:  # the last, smaller batch (and every batch without a graph)
-                    step(batch_idx)
-            lr = float(optimizer.param_groups[0]["lr"])
-            scheduler.step()
-            train_loss = totals["loss_sum"].item() / n_used  # float16's skipped steps leave loss and weights finite
-            if not (math.isfinite(train_loss) and all(t.isfinite().all() for t in model.state_dict().values())):
-                raise InputError(f"{arch}_fold{fold}: training diverged in epoch {job['epoch']} (loss {train_loss:g}, "
-                                 "weights no longer finite), so nothing is written from it: lower --lr or "
-                                 "--weight-decay (a new recipe: another --out, or --fresh)")
-            val_probs = predict_probs(fold_batchnorm(model), val_images, tta_views(tta=False), amp_dtype)
-            val_acc = float((val_probs.argmax(1).numpy() == val_labels).mean())
-            if val_acc > job["best_acc"]:
-                job.update(best_acc=val_acc, best_epoch=job["epoch"], stale=0, best_state=host_copy(model.state_dict()))
-            else:
-                job["stale"] += 1
-            seconds = time.perf_counter() - epoch_start
-            record = dict(epoch=job["epoch"], train_loss=train_loss, train_acc=totals["correct"].item() / n_used,
-                          val_acc=val_acc, lr=lr, seconds=seconds, precision=precision_name(amp_dtype))
-            job["history"].append(record)
-            job["train_seconds"] += seconds
-            state = host_copy({**job, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                               "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                               "rng": rng_states(generator, device), "recipe": recipe})
-            if saving is not None:
-                saving.result()  # one write at a time, in epoch order; a failed write raises here
-            saving = saver.submit(write_atomic, state_path, lambda tmp, state=state: torch_save(state, tmp))
-            progress(arch, fold, record)
-    if saving is not None:
-        saving.result()
-    progress.epochs_left -= cfg.epochs - job["epoch"]
-
-    finished = {"model": job["best_state"], "arch": arch, "fold": fold, "epoch": job["best_epoch"],
-                "val_acc": job["best_acc"], "config": dataclasses.asdict(cfg), "recipe": recipe, "finished": True,
-                "history": job["history"], "train_seconds": job["train_seconds"],
-                "images_trained": n_used * len(job["history"]), "precision": ", then ".join(dict.fromkeys(
-                    h.get("precision", "unknown") for h in job["history"]))}  # each epoch's, in order
-    write_atomic(checkpoint_path(cfg.out, arch, fold), lambda tmp: torch_save(finished, tmp))
-    os.remove(state_path)
 
 
 # -----------------------------------------------------------------------------------------------------------------

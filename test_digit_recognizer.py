@@ -601,7 +601,7 @@ def test_the_training_loss_is_cross_entropy_with_label_smoothing(digit_images):
     model = dr.WideConvNet()
     reference = copy.deepcopy(model).train()
     cfg = dr.Config(label_smoothing=0.1)
-    optimizer = dr.adamw(model.parameters(), cfg, None)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     totals = {"loss_sum": torch.zeros(()), "correct": torch.zeros((), dtype=torch.long)}
     torch.manual_seed(1)  # dropout's masks
     dr.train_step(model.train(), optimizer, torch.amp.GradScaler("cpu", enabled=False), images, labels,
@@ -1695,7 +1695,7 @@ def test_float16_step_whose_gradients_overflow_is_skipped_and_the_scale_drops(di
     images, labels = digit_images
     torch.manual_seed(0)
     model = dr.WideConvNet()
-    optimizer = dr.adamw(model.parameters(), dr.Config(), torch.float16)  # fused: it skips itself on the device
+    optimizer = torch.optim.AdamW(model.parameters(), **dr.adamw_implementation(torch.float16))  # fused: skips on device
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 40)  # loss x 2^40: the float16 gradients overflow
     totals = {"loss_sum": torch.zeros(()), "correct": torch.zeros((), dtype=torch.long)}
     step = lambda: dr.train_step(model, optimizer, scaler, images, torch.from_numpy(labels), torch.arange(8),
