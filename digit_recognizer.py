@@ -18,6 +18,7 @@ when the same command is run again in the same --out.
 import argparse
 import contextlib
 import copy
+import csv
 import dataclasses
 import datetime
 import difflib
@@ -32,6 +33,7 @@ import logging
 import math
 import os
 import pathlib
+import re
 import platform
 import signal
 import socket
@@ -141,11 +143,13 @@ def in_notebook():  # a Jupyter kernel: sys.argv holds its own arguments, and a 
 
 
 SUBMISSION_LABEL = {"ImageId": "Label", "id": "label"}  # test.csv's id column -> the label's: Digit Recognizer, Kannada
+PIXEL_NAMES = [[f"pixel{k}" for k in range(first, first + NUM_PIXELS)] for first in (0, 1)]  # Kaggle's, Fashion's
 
 
 def read_digits_csv(path, role):
-    """A Kaggle-layout CSV ('train': label + 784 pixels; 'test': 784 pixels, maybe after an id column), pixels taken
-    by position -> (pixels uint8 (N, 784), labels int64 (N,) or None, id column (name, values) or None)."""
+    """A Kaggle-layout CSV ('train': label + 784 pixels; 'test': 784 pixels and maybe an id column), pixels taken by
+    name where the header names them as PIXEL_NAMES, else by position -> (pixels uint8 (N, 784), labels int64 (N,)
+    or None, id column (name, values) or None)."""
     try:  # files that pandas would misread, or name in its own words: say what they are
         with open(path, "rb") as f:
             head = f.read(4096)
@@ -157,6 +161,8 @@ def read_digits_csv(path, role):
              "semicolon-separated": b";" in first_line and b"," not in first_line}
     if kind := next((kind for kind, found in kinds.items() if found), None):
         raise InputError(f"{path}: {kind}; expected a comma-separated UTF-8 CSV, as Kaggle's")
+    width = _row_cells(path, -1)[1]  # the header's
+    _check_row_length(path, 0, width)  # pandas would take a longer first row's extra cells for an index
     try:
         # The whole file at once: in chunks, pandas warns of a column's "mixed types" before our one line. No NA
         # parsing, so that a cell reading NA is named as written; a byte that is not UTF-8 reads as U+FFFD. Absolute
@@ -165,7 +171,13 @@ def read_digits_csv(path, role):
     except pd.errors.EmptyDataError:
         raise InputError(f"{path}: file is empty") from None
     except (pd.errors.ParserError, ValueError) as e:
+        if longer := re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(e)):  # a row past the first
+            width, line, cells = map(int, longer.groups())
+            raise row_length_error(path, line, cells, width) from None
         raise InputError(f"{path}: not a readable CSV ({str(e).strip().splitlines()[-1]})") from None
+    ends_empty = [] if pd.api.types.is_numeric_dtype(frame.iloc[:, -1]) else np.flatnonzero(frame.iloc[:, -1] == "")
+    if len(ends_empty):  # the first row that may be short: pandas reads the cells missing from one as empty
+        _check_row_length(path, ends_empty[0], width)
     columns = [str(c).strip() for c in frame.columns]
     if not any(char.isalpha() for c in columns for char in c):
         raise InputError(f"{path}: the first line is a row of numbers, not a header; Kaggle's files start with "
@@ -176,6 +188,7 @@ def read_digits_csv(path, role):
         frame, columns = frame.iloc[:, 1:], columns[1:]
     frame.columns = columns
     labels, ids, pixel_columns = None, None, columns
+    named = next((names for names in PIXEL_NAMES if set(names) <= set(columns)), None)  # pixels taken by name
     if role == "train":
         if "label" not in columns:
             raise InputError(f"{path}: no 'label' column (expected label followed by {NUM_PIXELS} pixel columns)")
@@ -188,15 +201,16 @@ def read_digits_csv(path, role):
     elif "label" in columns:
         raise InputError(f"{path}: has a 'label' column; test images must be unlabelled "
                          f"(expected {NUM_PIXELS} pixel columns, optionally after an id column)")
-    elif len(columns) == NUM_PIXELS + 1:
-        if columns[0] not in SUBMISSION_LABEL or frame[columns[0]].duplicated().any():  # Kaggle refuses a repeat
-            raise InputError(f"{path}: the first of {len(columns)} columns, {columns[0]!r}, is not an id column of "
-                             f"Kaggle's ({' or '.join(SUBMISSION_LABEL)}, one id a row)")
-        pixel_columns = columns[1:]
-        ids = (columns[0], frame[columns[0]].to_numpy())
+    elif len(columns) == NUM_PIXELS + 1:  # the id column: the one that is not a named pixel, else the first
+        id_name = next(c for c in columns if c not in named) if named else columns[0]
+        if id_name not in SUBMISSION_LABEL or frame[id_name].duplicated().any():  # Kaggle refuses a repeat
+            raise InputError(f"{path}: column {columns.index(id_name) + 1} of {len(columns)}, {id_name!r}, is not an "
+                             f"id column of Kaggle's ({' or '.join(SUBMISSION_LABEL)}, one id a row)")
+        pixel_columns = [c for c in columns if c != id_name]
+        ids = (id_name, frame[id_name].to_numpy())
     if len(pixel_columns) != NUM_PIXELS:
         raise InputError(f"{path}: {len(pixel_columns)} pixel columns, expected {NUM_PIXELS} (28x28)")
-    return _integers(path, frame[pixel_columns], 255).astype(np.uint8), labels, ids
+    return _integers(path, frame[named or pixel_columns], 255).astype(np.uint8), labels, ids
 
 
 def _integers(path, frame, high):
@@ -220,11 +234,30 @@ def _integers(path, frame, high):
         problem = f"{cell!r} is not a number"
     else:
         problem = f"value {cell.strip()} is not an integer in 0-{high}"
-    # pandas skips blank lines, so the cell's line is counted in the file, rather than taken to be row + 2.
+    raise InputError(f"{path}: line {_row_cells(path, row)[0]}, column {frame.columns[col]}: {problem}")
+
+
+def _row_cells(path, row):
+    """(line number, cells) of data row `row` (from 0; -1 is the header), (None, 0) past the end: pandas skips blank
+    lines, so the line is counted in the file. cells is None where a cell is over the csv module's 131,072 characters."""
     with open(path, "rb") as f:
-        lines = (number for number, line in enumerate(f, 1) if line.strip())
-        line = next(itertools.islice(lines, row + 1, None))  # past the header
-    raise InputError(f"{path}: line {line}, column {frame.columns[col]}: {problem}")
+        lines = ((number, line) for number, line in enumerate(f, 1) if line.strip())
+        number, line = next(itertools.islice(lines, row + 1, None), (None, b""))
+    try:
+        return number, len(next(csv.reader([line.decode("utf-8", "replace")]), []))
+    except csv.Error:
+        return number, None
+
+
+def _check_row_length(path, row, width):
+    """Every row has a cell for each of the header's columns: else one line with both counts, whatever the row's size."""
+    number, cells = _row_cells(path, row)
+    if number is not None and None not in (cells, width) and cells != width:
+        raise row_length_error(path, number, cells, width)
+
+
+def row_length_error(path, line, cells, width):
+    return InputError(f"{path}: line {line}: {cells} cell{'s' if cells != 1 else ''}, where the header has {width}")
 
 
 def submission_columns(data_dir, test_ids, n_test):

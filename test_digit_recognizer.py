@@ -887,10 +887,13 @@ def write_bad_case(directory, case):
         expected_text = "2 rows leave a fold fewer than 2 training images"
     elif case == "test with an unknown id column":
         test.insert(0, "Id", np.arange(len(test)))
-        target, expected_text = "test", "the first of 785 columns, 'Id', is not an id column of Kaggle's"
+        target, expected_text = "test", "column 1 of 785, 'Id', is not an id column of Kaggle's"
     elif case == "test with a repeated id":  # Kaggle would refuse the submission
         test.insert(0, "ImageId", np.arange(len(test)) % 5 + 1)
-        target, expected_text = "test", "the first of 785 columns, 'ImageId', is not an id column of Kaggle's"
+        target, expected_text = "test", "column 1 of 785, 'ImageId', is not an id column of Kaggle's"
+    elif case == "test with an extra column at the end":  # the pixels are named: the odd column out is the extra one
+        test["extra"] = 0
+        target, expected_text = "test", "column 785 of 785, 'extra', is not an id column of Kaggle's"
     elif case == "test without a header":  # its first image would be taken for the column names
         target, expected_text = "test", "the first line is a row of numbers, not a header"
     kinds = {"tab-separated": ("train", "\t", "utf-8"), "semicolon-separated": ("test", ";", "utf-8"),
@@ -904,6 +907,13 @@ def write_bad_case(directory, case):
     test.to_csv(directory / "test.csv", index=False, header=case != "test without a header", **saved["test"])
     if case == "gzip-compressed":
         (directory / "train.csv").write_bytes(gzip.compress((directory / "train.csv").read_bytes()))
+    if case in ROW_CASES:  # rows as written, then changed: pandas would realign or pad a row of another length
+        target, line, edit, expected_text = ROW_CASES[case]
+        lines = (directory / f"{target}.csv").read_text(encoding="latin-1").splitlines()
+        lines[line - 1] = edit(lines[line - 1])
+        if line == 2:  # the first row, and every one after it
+            lines[2:] = [edit(row) for row in lines[2:]]
+        (directory / f"{target}.csv").write_text("\n".join(lines) + "\n")
     if case == "empty file":
         (directory / "train.csv").write_text("")
     if case == "missing test file":
@@ -911,7 +921,31 @@ def write_bad_case(directory, case):
     return f"{directory / expected[target]}: {expected_text}"
 
 
-BAD_CASES = ["missing label column", "two label columns", "too few pixel columns", "non-numeric cell", "NA in a label",
+def two_images(row):
+    return f"{row},{row}"
+
+
+def trailing_zero(row):
+    return row + ",0"
+
+
+def cut_after_700(row):
+    return ",".join(row.split(",")[:700])
+
+
+def semicolons(row):
+    return row.replace(",", ";")
+
+
+ROW_CASES = {  # case: (file, the first line changed (2: every row), change, what the line must say)
+    "a trailing cell on every test row": ("test", 2, trailing_zero, "line 2: 785 cells, where the header has 784"),
+    "a trailing cell on every train row": ("train", 2, trailing_zero, "line 2: 786 cells, where the header has 785"),
+    "two images on each line": ("test", 2, two_images, "line 2: 1568 cells, where the header has 784"),
+    "a longer row further down": ("train", 7, trailing_zero, "line 7: 786 cells, where the header has 785"),
+    "a short row": ("test", 4, cut_after_700, "line 4: 700 cells, where the header has 784"),
+    "a semicolon row": ("test", 3, semicolons, "line 3: 1 cell, where the header has 784"),
+}
+BAD_CASES = [*ROW_CASES, "test with an extra column at the end", "missing label column", "two label columns", "too few pixel columns", "non-numeric cell", "NA in a label",
              "empty cell", "pixel above 255", "fractional pixel", "a pixel a hair above 255", "pixel beyond int64",
              "negative pixel",
              "label outside 0-9", "empty file", "header only", "test with a label column",
@@ -1026,7 +1060,7 @@ FAULTS = {"numbers for a header": "the first line is a row of numbers", "an unkn
 def kaggle_csvs(draw):
     """(role, the file's bytes, the expected (pixels, labels, id column), or what its one error line must say)."""
     role = draw(st.sampled_from(["train", "test"]))
-    fault = draw(st.sampled_from([None, None, "cell", "cell", "cell", *FAULTS]))
+    fault = draw(st.sampled_from([None, None, "cell", "cell", "cell", "a row of another length", *FAULTS]))
     layout = draw(st.sampled_from(["kaggle", "pandas index"] + (["id", "ImageId"] if role == "test" else [])))
     if fault in ("an unknown id column", "783 pixels"):
         layout = "kaggle"
@@ -1041,6 +1075,10 @@ def kaggle_csvs(draw):
         frame.insert(0, "Id" if fault == "an unknown id column" else layout, ids)
     if fault == "783 pixels":
         frame = frame.drop(columns="pixel783")
+    order = draw(st.sampled_from(["as Kaggle's", "as Kaggle's", "reversed", "sorted as text", "shuffled"]))
+    if order != "as Kaggle's":  # the pixels are named: each is taken by its name, wherever it stands
+        shuffled = list(rng.permutation(frame.columns))
+        frame = frame[{"reversed": frame.columns[::-1], "sorted as text": sorted(frame.columns)}.get(order, shuffled)]
     frame = frame.astype(object)  # a cell can then hold any text
     said = FAULTS.get(fault)
     if role == "train" and fault == "an unknown id column":
@@ -1051,6 +1089,14 @@ def kaggle_csvs(draw):
         frame.iat[row, col] = draw(st.sampled_from(BAD_CELLS if frame.columns[col] == "label" else BAD_CELLS[:-1]))
         said = f"line {row + 2}, column {frame.columns[col]}: "
     text = frame.to_csv(index=layout == "pandas index", header=fault != "numbers for a header")
+    if fault == "a row of another length":  # longer or shorter: the first such row's line, and both counts
+        row, change = draw(st.integers(0, rows - 1)), draw(st.sampled_from([-700, -1, 1, 2, 784]))
+        lines = text.split("\n")
+        width = lines[0].count(",") + 1
+        cells = lines[row + 1].split(",")
+        lines[row + 1] = ",".join(cells[:change] if change < 0 else cells + ["0"] * change)
+        text = "\n".join(lines)
+        said = f"line {row + 2}: {width + change} cells, where the header has {width}"
     text = text.replace(",", {"tabs": "\t", "semicolons": ";"}.get(fault, ","))
     data = gzip.compress(text.encode()) if fault == "gzip" else text.encode("utf-16" if fault == "UTF-16" else "utf-8")
     expected = (pixels, labels if role == "train" else None, (layout, ids) if layout in ("id", "ImageId") else None)
