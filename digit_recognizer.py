@@ -22,7 +22,6 @@ import csv
 import dataclasses
 import datetime
 import difflib
-import fnmatch
 import glob
 import hashlib
 import importlib.metadata
@@ -117,7 +116,8 @@ class Config:
     fold: tuple[int, ...] = option((), "train only these folds (numbered from 0, as in checkpoints/<arch>_fold<k>.pt)",
                                    type=fold_list, metavar="K[,K...]")
     predict_only: bool = option(False, "no training: build the outputs from the finished checkpoints in --out")
-    fresh: bool = option(False, "discard the checkpoints and saved training state in --out before starting")
+    fresh: bool = option(False, "discard the checkpoints and saved states of the jobs this command trains (its "
+                                "--archs x --fold), and no others")
     processes: int | None = option(None, "spread the jobs over N processes, process k on GPU k modulo their number "
                                          "(default: one per GPU)", AT_LEAST_1, type=int, metavar="N")
     predict: tuple[str, ...] = option((), "read the digit, or the number in a row, in each image with the checkpoints "
@@ -822,29 +822,41 @@ def load_checkpoint(path, device="cpu"):
         model = ARCHITECTURES[state["arch"]]()
         model.load_state_dict(state["model"])
     except Exception as e:  # torch.load raises many kinds on a truncated or foreign file
-        raise InputError(f"{path}: not a readable checkpoint ({type(e).__name__}); delete it to retrain that job, "
-                         "or pass --fresh to start over") from None
+        raise InputError(f"{path}: not a readable checkpoint ({type(e).__name__}); delete it to retrain that "
+                         "job") from None
     return model, state
 
 
-def checkpoint_files(out, pattern):
-    """--out/checkpoints' files that match pattern, sorted: listed, never globbed, so --out x[1] is not x1."""
+CHECKPOINT_NAME = rf"({'|'.join(ARCHITECTURES)})_fold\d+(\.state)?\.pt"  # as checkpoint_path names them
+
+
+def checkpoint_files(out, name=CHECKPOINT_NAME):
+    """--out/checkpoints' files whose whole name matches the regular expression, sorted: listed, never globbed, so
+    --out x[1] is not x1; and only names this script writes (a user's wide_fold0.backup.pt is not one)."""
     folder = os.path.join(out, "checkpoints")
     names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-    return [os.path.join(folder, name) for name in names if fnmatch.fnmatchcase(name, pattern)]
+    return [os.path.join(folder, found) for found in names if re.fullmatch(name, found)]
 
 
 def finished_checkpoints(out):
     """Paths of the finished jobs' checkpoints in --out (in-progress states left out), sorted."""
-    return [path for path in checkpoint_files(out, "*_fold*.pt") if not path.endswith(".state.pt")]
+    return [path for path in checkpoint_files(out) if not path.endswith(".state.pt")]
+
+
+def own_checkpoints(cfg):
+    """The checkpoints and saved states of the jobs this command trains: all that --fresh discards."""
+    return [checkpoint_path(cfg.out, *job, state) for job in training_jobs(cfg) for state in (False, True)]
 
 
 RECIPE_KEYS = ("seed", "folds", "epochs", "batch_size", "lr", "weight_decay", "label_smoothing", "patience", "limit")
 
 
 def check_saved_recipes(cfg, recipe):
-    """Refuse to mix checkpoints of another recipe (seed, schedule, folds, data) into this run."""
-    for path in checkpoint_files(cfg.out, "*_fold*.pt"):
+    """Refuse to mix checkpoints of another recipe (seed, schedule, folds, data) into this run: those --fresh keeps too."""
+    own = own_checkpoints(cfg)
+    for path in checkpoint_files(cfg.out):
+        if cfg.fresh and path in own:
+            continue
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("recipe", {})
         except Exception:
@@ -854,8 +866,8 @@ def check_saved_recipes(cfg, recipe):
         changed = [key for key in recipe if saved.get(key) != recipe[key]]
         if changed:
             what = ", ".join(f"{key} {saved.get(key)!r} -> {recipe[key]!r}" for key in changed)
-            raise InputError(f"{path}: made with a different recipe ({what}); pass --fresh to discard the saved "
-                             "state, or choose another --out")
+            how = "pass --fresh to retrain it" if path in own else "delete it (not a job this command trains)"
+            raise InputError(f"{path}: made with a different recipe ({what}); {how}, or choose another --out")
 
 
 def write_csv(path, frame, float_format=None):
@@ -864,14 +876,19 @@ def write_csv(path, frame, float_format=None):
 
 def claim_out(cfg):
     """Before the command's first write: lock --out for its life (a second command exits 2 before writing; the lock
-    dies with the process, SIGKILL included), probe that it can be written, apply --fresh, clear killed writes."""
+    dies with the process, SIGKILL included), probe that it can be written, apply --fresh, clear killed writes. A
+    refusal leaves no folder it made."""
     folder = os.path.join(cfg.out, "checkpoints")
     outputs = [os.path.join(cfg.out, name) for name in ("submission.csv", "oof.csv", "metrics.json", *PICTURES)]
-    jobs = [checkpoint_path(cfg.out, *job, state) for job in training_jobs(cfg) for state in (False, True)]
-    if taken := next((path for path in outputs + jobs if os.path.isdir(path)), None):
+    if taken := next((path for path in outputs + own_checkpoints(cfg) if os.path.isdir(path)), None):
         raise InputError(f"{taken}: a directory, where this command writes a file")
+    made = []
     try:
         for directory in (os.path.join(cfg.out, "demo_data"), folder) if cfg.demo else (folder,):
+            missing = os.path.abspath(directory)
+            while not os.path.exists(missing):
+                made.append(missing)
+                missing = os.path.dirname(missing)
             os.makedirs(directory, exist_ok=True)
         lock = open(os.path.join(folder, ".lock"), "a+")
         try:
@@ -887,11 +904,25 @@ def claim_out(cfg):
             open(os.path.join(place, ".write-test"), "w").close()
             os.remove(os.path.join(place, ".write-test"))
     except OSError as e:
-        raise InputError(f"{cfg.out}: output directory cannot be written ({e.strerror or e})") from None
+        at_fault = e.filename or cfg.out
+        if os.path.basename(at_fault) in (".lock", ".write-test"):
+            at_fault = os.path.dirname(at_fault)
+        for directory in sorted(made, key=len, reverse=True):  # deepest first
+            with contextlib.suppress(OSError):
+                if directory == os.path.abspath(folder):
+                    os.remove(os.path.join(directory, ".lock"))
+                os.rmdir(directory)
+        raise InputError(f"{at_fault}: output directory cannot be written ({e.strerror or e})") from None
     lock.truncate(0)
     print(os.getpid(), file=lock, flush=True)  # for the message of a command that finds --out taken
-    for path in checkpoint_files(cfg.out, "*_fold*.pt*" if cfg.fresh else "*.tmp*"):  # --fresh: the .tmp files too
+    for path in checkpoint_files(cfg.out, CHECKPOINT_NAME + r"\.tmp\d+"):  # killed writes (write_atomic's names)
         os.remove(path)
+    if cfg.fresh:
+        discarded = [path for path in own_checkpoints(cfg) if os.path.exists(path)]
+        for path in discarded:
+            os.remove(path)
+        names = [os.path.join("checkpoints", os.path.basename(path)) for path in discarded]
+        print(f"--fresh: discarded {', '.join(names) or 'nothing: none of its jobs had a checkpoint'}", flush=True)
     return lock
 
 
@@ -1312,8 +1343,7 @@ def check_inputs(cfg, device):
         adopt_saved_recipe(cfg)
     data = load_data(cfg, device)
     recipe = {**{key: getattr(cfg, key) for key in RECIPE_KEYS}, "data": data.digest}
-    if not cfg.fresh:
-        check_saved_recipes(cfg, recipe)
+    check_saved_recipes(cfg, recipe)
     return data, recipe
 
 
@@ -1365,8 +1395,8 @@ def launch(cfg, processes):
                 process.join()
             raise
         except torch.multiprocessing.ProcessExitedException as e:
-            if e.exit_code == 130:  # a process was interrupted, and the others stopped with it
-                raise KeyboardInterrupt from None
+            if e.exit_code in (130, 143):  # a process was interrupted or terminated, and the others stopped with it
+                raise (Terminated if e.exit_code == 143 else KeyboardInterrupt) from None
             if e.exit_code >= 0:  # it said why (exit code 2: its one line)
                 return e.exit_code
             print(f"error: process {e.error_index} of {processes} was killed by {signal.Signals(-e.exit_code).name}; "
@@ -1401,8 +1431,8 @@ def train_process(rank, cfg, world, port):
     except BrokenPipeError:  # `| head` has gone: the launcher exits with this code, as main() would
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(141)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    except KeyboardInterrupt as interrupt:
+        sys.exit(interrupted_exit_code(interrupt))
 
 
 def start_distributed():
@@ -1553,12 +1583,17 @@ def write_outputs(cfg, data, device, wall_start, setup_seconds, demo_labels=None
         metrics["peak_gpu_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     if demo_labels is not None:
         metrics["demo_test_accuracy"] = float((predictions == demo_labels).mean())
-    # A run that learned nothing (one epoch: BatchNorm's running statistics are not yet the data's) says so at the end.
+    # A run that learned nothing (one epoch: BatchNorm's running statistics are not yet the data's), or a submission of
+    # one digit from models that did learn, says so at the end.
     accuracy = oof_acc.get("ensemble", np.mean([r["best_val_acc"] for r in results]))
     share = np.bincount(predictions, minlength=NUM_CLASSES).max() / len(predictions)  # of the commonest digit
-    if accuracy < 2 / NUM_CLASSES or share > 0.5:
+    if accuracy < 2 / NUM_CLASSES:
         metrics["warning"] = (f"these models learned nothing: validation accuracy {accuracy:.2f} (chance: 0.10), and "
                               f"{share:.0%} of submission.csv is one digit. Do not submit it: train longer")
+    elif share > 0.5:  # the models read train.csv's digits: test.csv's images are not like them
+        metrics["warning"] = (f"{share:.0%} of submission.csv is one digit, though the models learned (validation "
+                              f"accuracy {accuracy:.2f}): test.csv's images are unlike train.csv's. Do not submit it: "
+                              "check test.csv's columns (their order, an extra one)")
     write_atomic(os.path.join(cfg.out, "metrics.json"),
                  lambda tmp: pathlib.Path(tmp).write_text(json.dumps(metrics, indent=1) + "\n"))
     print_summary(cfg, results, oof_acc, metrics)
@@ -1643,8 +1678,16 @@ def parse_args(argv=None):
     return cfg
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a killed Kaggle session, a scheduler) stops as cleanly as Ctrl-C, with its own exit code."""
+
+
 def _interrupt(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM (a killed Kaggle session, a scheduler) stops as cleanly as Ctrl-C
+    raise Terminated
+
+
+def interrupted_exit_code(interrupt):
+    return 128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT)  # 143 or 130, as shells say
 
 
 def main(argv=None):
@@ -1666,11 +1709,11 @@ def main(argv=None):
     except BrokenPipeError:  # `| head` took what it wanted: stop quietly, as a Unix tool does (the state is saved)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else the flush at exit raises again
         return 141  # 128 + SIGPIPE, what a shell reports of a tool that SIGPIPE stopped
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         if os.environ.get("RANK", "0") == "0":  # one line for all torchrun's processes
             print("interrupted: every job saves its state after each epoch; run the same command again to "
                   "continue (add --fresh to start over)", file=sys.stderr)
-        return 130
+        return interrupted_exit_code(interrupt)
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous_handler)
