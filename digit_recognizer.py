@@ -18,7 +18,6 @@ when the same command is run again in the same --out.
 import argparse
 import contextlib
 import copy
-import csv
 import dataclasses
 import datetime
 import difflib
@@ -32,8 +31,9 @@ import logging
 import math
 import os
 import pathlib
-import re
 import platform
+import re
+import shutil
 import signal
 import socket
 import sys
@@ -116,8 +116,7 @@ class Config:
     fold: tuple[int, ...] = option((), "train only these folds (numbered from 0, as in checkpoints/<arch>_fold<k>.pt)",
                                    type=fold_list, metavar="K[,K...]")
     predict_only: bool = option(False, "no training: build the outputs from the finished checkpoints in --out")
-    fresh: bool = option(False, "discard the checkpoints and saved states of the jobs this command trains (its "
-                                "--archs x --fold), and no others")
+    fresh: bool = option(False, "discard the checkpoints and saved states of the jobs this command trains, no others")
     processes: int | None = option(None, "spread the jobs over N processes, process k on GPU k modulo their number "
                                          "(default: one per GPU)", AT_LEAST_1, type=int, metavar="N")
     predict: tuple[str, ...] = option((), "read the digit, or the number in a row, in each image with the checkpoints "
@@ -147,9 +146,8 @@ PIXEL_NAMES = [[f"pixel{k}" for k in range(first, first + NUM_PIXELS)] for first
 
 
 def read_digits_csv(path, role):
-    """A Kaggle-layout CSV ('train': label + 784 pixels; 'test': 784 pixels and maybe an id column), pixels taken by
-    name where the header names them as PIXEL_NAMES, else by position -> (pixels uint8 (N, 784), labels int64 (N,)
-    or None, id column (name, values) or None)."""
+    """A Kaggle-layout CSV ('train': label + 784 pixels; 'test': 784 pixels, maybe an id), pixels by name (PIXEL_NAMES)
+    or else by position -> (pixels uint8 (N, 784), labels int64 (N,) or None, id column (name, values) or None)."""
     try:  # files that pandas would misread, or name in its own words: say what they are
         with open(path, "rb") as f:
             head = f.read(4096)
@@ -162,7 +160,7 @@ def read_digits_csv(path, role):
     if kind := next((kind for kind, found in kinds.items() if found), None):
         raise InputError(f"{path}: {kind}; expected a comma-separated UTF-8 CSV, as Kaggle's")
     width = _row_cells(path, -1)[1]  # the header's
-    _check_row_length(path, 0, width)  # pandas would take a longer first row's extra cells for an index
+    _row_cells(path, 0, width)  # pandas would take a longer first row's extra cells for an index
     try:
         # The whole file at once: in chunks, pandas warns of a column's "mixed types" before our one line. No NA
         # parsing, so that a cell reading NA is named as written; a byte that is not UTF-8 reads as U+FFFD. Absolute
@@ -172,12 +170,11 @@ def read_digits_csv(path, role):
         raise InputError(f"{path}: file is empty") from None
     except (pd.errors.ParserError, ValueError) as e:
         if longer := re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(e)):  # a row past the first
-            width, line, cells = map(int, longer.groups())
-            raise row_length_error(path, line, cells, width) from None
+            raise InputError(f"{path}: line {longer[2]}: {longer[3]} cells, where the header has {longer[1]}") from None
         raise InputError(f"{path}: not a readable CSV ({str(e).strip().splitlines()[-1]})") from None
     ends_empty = [] if pd.api.types.is_numeric_dtype(frame.iloc[:, -1]) else np.flatnonzero(frame.iloc[:, -1] == "")
     if len(ends_empty):  # the first row that may be short: pandas reads the cells missing from one as empty
-        _check_row_length(path, ends_empty[0], width)
+        _row_cells(path, ends_empty[0], width)
     columns = [str(c).strip() for c in frame.columns]
     if not any(char.isalpha() for c in columns for char in c):
         raise InputError(f"{path}: the first line is a row of numbers, not a header; Kaggle's files start with "
@@ -237,27 +234,17 @@ def _integers(path, frame, high):
     raise InputError(f"{path}: line {_row_cells(path, row)[0]}, column {frame.columns[col]}: {problem}")
 
 
-def _row_cells(path, row):
-    """(line number, cells) of data row `row` (from 0; -1 is the header), (None, 0) past the end: pandas skips blank
-    lines, so the line is counted in the file. cells is None where a cell is over the csv module's 131,072 characters."""
+def _row_cells(path, row, width=None):
+    """(line number, cells) of data row `row` (from 0; -1 is the header), or (None, 1) past the end: pandas skips blank
+    lines, so the line is counted in the file. Kaggle's files quote nothing: a cell is what lies between commas. With
+    width, a row of another length is refused: one line with both counts, at any row's size."""
     with open(path, "rb") as f:
         lines = ((number, line) for number, line in enumerate(f, 1) if line.strip())
         number, line = next(itertools.islice(lines, row + 1, None), (None, b""))
-    try:
-        return number, len(next(csv.reader([line.decode("utf-8", "replace")]), []))
-    except csv.Error:
-        return number, None
-
-
-def _check_row_length(path, row, width):
-    """Every row has a cell for each of the header's columns: else one line with both counts, whatever the row's size."""
-    number, cells = _row_cells(path, row)
-    if number is not None and None not in (cells, width) and cells != width:
-        raise row_length_error(path, number, cells, width)
-
-
-def row_length_error(path, line, cells, width):
-    return InputError(f"{path}: line {line}: {cells} cell{'s' if cells != 1 else ''}, where the header has {width}")
+    cells = line.count(b",") + 1
+    if width is not None and number is not None and cells != width:
+        raise InputError(f"{path}: line {number}: {cells} cell{'s' if cells > 1 else ''}, where the header has {width}")
+    return number, cells
 
 
 def submission_columns(data_dir, test_ids, n_test):
@@ -822,8 +809,7 @@ def load_checkpoint(path, device="cpu"):
         model = ARCHITECTURES[state["arch"]]()
         model.load_state_dict(state["model"])
     except Exception as e:  # torch.load raises many kinds on a truncated or foreign file
-        raise InputError(f"{path}: not a readable checkpoint ({type(e).__name__}); delete it to retrain that "
-                         "job") from None
+        raise InputError(f"{path}: not a readable checkpoint ({type(e).__name__}); delete it to retrain it") from None
     return model, state
 
 
@@ -852,7 +838,7 @@ RECIPE_KEYS = ("seed", "folds", "epochs", "batch_size", "lr", "weight_decay", "l
 
 
 def check_saved_recipes(cfg, recipe):
-    """Refuse to mix checkpoints of another recipe (seed, schedule, folds, data) into this run: those --fresh keeps too."""
+    """Refuse to mix checkpoints of another recipe (seed, schedule, folds, data) into this run, those --fresh keeps."""
     own = own_checkpoints(cfg)
     for path in checkpoint_files(cfg.out):
         if cfg.fresh and path in own:
@@ -885,10 +871,8 @@ def claim_out(cfg):
     made = []
     try:
         for directory in (os.path.join(cfg.out, "demo_data"), folder) if cfg.demo else (folder,):
-            missing = os.path.abspath(directory)
-            while not os.path.exists(missing):
-                made.append(missing)
-                missing = os.path.dirname(missing)
+            path = pathlib.Path(directory).absolute()
+            made += [str(new) for new in (path, *path.parents) if not new.exists()]
             os.makedirs(directory, exist_ok=True)
         lock = open(os.path.join(folder, ".lock"), "a+")
         try:
@@ -907,11 +891,8 @@ def claim_out(cfg):
         at_fault = e.filename or cfg.out
         if os.path.basename(at_fault) in (".lock", ".write-test"):
             at_fault = os.path.dirname(at_fault)
-        for directory in sorted(made, key=len, reverse=True):  # deepest first
-            with contextlib.suppress(OSError):
-                if directory == os.path.abspath(folder):
-                    os.remove(os.path.join(directory, ".lock"))
-                os.rmdir(directory)
+        for top in [directory for directory in made if os.path.dirname(directory) not in made]:
+            shutil.rmtree(top, ignore_errors=True)  # folders this command made, with at most its .lock in them
         raise InputError(f"{at_fault}: output directory cannot be written ({e.strerror or e})") from None
     lock.truncate(0)
     print(os.getpid(), file=lock, flush=True)  # for the message of a command that finds --out taken
@@ -921,8 +902,8 @@ def claim_out(cfg):
         discarded = [path for path in own_checkpoints(cfg) if os.path.exists(path)]
         for path in discarded:
             os.remove(path)
-        names = [os.path.join("checkpoints", os.path.basename(path)) for path in discarded]
-        print(f"--fresh: discarded {', '.join(names) or 'nothing: none of its jobs had a checkpoint'}", flush=True)
+        names = ", ".join(os.path.relpath(path, cfg.out) for path in discarded)
+        print(f"--fresh: discarded {names or 'nothing: none of its jobs had a checkpoint'}", flush=True)
     return lock
 
 
@@ -1432,7 +1413,7 @@ def train_process(rank, cfg, world, port):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(141)
     except KeyboardInterrupt as interrupt:
-        sys.exit(interrupted_exit_code(interrupt))
+        sys.exit(143 if isinstance(interrupt, Terminated) else 130)
 
 
 def start_distributed():
@@ -1583,8 +1564,7 @@ def write_outputs(cfg, data, device, wall_start, setup_seconds, demo_labels=None
         metrics["peak_gpu_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     if demo_labels is not None:
         metrics["demo_test_accuracy"] = float((predictions == demo_labels).mean())
-    # A run that learned nothing (one epoch: BatchNorm's running statistics are not yet the data's), or a submission of
-    # one digit from models that did learn, says so at the end.
+    # A run that learned nothing (one epoch: BatchNorm's running statistics are not yet the data's) says so at the end.
     accuracy = oof_acc.get("ensemble", np.mean([r["best_val_acc"] for r in results]))
     share = np.bincount(predictions, minlength=NUM_CLASSES).max() / len(predictions)  # of the commonest digit
     if accuracy < 2 / NUM_CLASSES:
@@ -1679,15 +1659,11 @@ def parse_args(argv=None):
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (a killed Kaggle session, a scheduler) stops as cleanly as Ctrl-C, with its own exit code."""
+    """SIGTERM (a killed Kaggle session, a scheduler) stops as cleanly as Ctrl-C, with exit code 143 as shells say."""
 
 
 def _interrupt(signum, frame):
     raise Terminated
-
-
-def interrupted_exit_code(interrupt):
-    return 128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT)  # 143 or 130, as shells say
 
 
 def main(argv=None):
@@ -1713,7 +1689,7 @@ def main(argv=None):
         if os.environ.get("RANK", "0") == "0":  # one line for all torchrun's processes
             print("interrupted: every job saves its state after each epoch; run the same command again to "
                   "continue (add --fresh to start over)", file=sys.stderr)
-        return interrupted_exit_code(interrupt)
+        return 143 if isinstance(interrupt, Terminated) else 130
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous_handler)
