@@ -1663,7 +1663,7 @@ class Terminated(KeyboardInterrupt):
 
 
 def _interrupt(signum, frame):
-    raise Terminated
+    raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
 
 def main(argv=None):
