@@ -2221,7 +2221,7 @@ def test_fresh_removes_the_outputs_it_cannot_redo(tiny_dir, wide_run, tmp_path):
 
 @pytest.mark.parametrize("options,discarded", [
     (["--fold", "1"], "checkpoints/resnet_fold1.pt, checkpoints/wide_fold1.pt"),
-    (["--archs", "wide"], "checkpoints/wide_fold0.pt, checkpoints/wide_fold1.pt")])
+    pytest.param(["--archs", "wide"], "checkpoints/wide_fold0.pt, checkpoints/wide_fold1.pt", marks=pytest.mark.slow)])
 def test_fresh_discards_only_the_jobs_it_trains(options, discarded, tiny_dir, both_archs_run, tmp_path, capsys,
                                                 monkeypatch):
     """One Kaggle session per fold, gathered in one --out: redoing one fold keeps every other session's work, and a
