@@ -21,7 +21,6 @@ import copy
 import dataclasses
 import datetime
 import difflib
-import fnmatch
 import functools
 import glob
 import hashlib
@@ -34,6 +33,8 @@ import math
 import os
 import pathlib
 import platform
+import re
+import shutil
 import signal
 import socket
 import sys
@@ -116,7 +117,7 @@ class Config:
     fold: tuple[int, ...] = option((), "train only these folds (numbered from 0, as in checkpoints/<arch>_fold<k>.pt)",
                                    type=fold_list, metavar="K[,K...]")
     predict_only: bool = option(False, "no training: build the outputs from the finished checkpoints in --out")
-    fresh: bool = option(False, "discard the checkpoints and saved training state in --out before starting")
+    fresh: bool = option(False, "discard the checkpoints and saved states of the jobs this command trains, no others")
     processes: int | None = option(None, "spread the jobs over N processes, process k on GPU k modulo their number "
                                          "(default: one per GPU)", AT_LEAST_1, type=int, metavar="N")
     predict: tuple[str, ...] = option((), "read the digit, or the number in a row, in each image with the checkpoints "
@@ -142,11 +143,12 @@ def in_notebook():  # a Jupyter kernel: sys.argv holds its own arguments, and a 
 
 
 SUBMISSION_LABEL = {"ImageId": "Label", "id": "label"}  # test.csv's id column -> the label's: Digit Recognizer, Kannada
+PIXEL_NAMES = [[f"pixel{k}" for k in range(first, first + NUM_PIXELS)] for first in (0, 1)]  # Kaggle's, Fashion's
 
 
 def read_digits_csv(path, role):
-    """A Kaggle-layout CSV ('train': label + 784 pixels; 'test': 784 pixels, maybe after an id column), pixels taken
-    by position -> (pixels uint8 (N, 784), labels int64 (N,) or None, id column (name, values) or None)."""
+    """A Kaggle-layout CSV ('train': label + 784 pixels; 'test': 784 pixels, maybe an id), pixels by name (PIXEL_NAMES)
+    or else by position -> (pixels uint8 (N, 784), labels int64 (N,) or None, id column (name, values) or None)."""
     try:  # files that pandas would misread, or name in its own words: say what they are
         with open(path, "rb") as f:
             head = f.read(4096)
@@ -158,6 +160,8 @@ def read_digits_csv(path, role):
              "semicolon-separated": b";" in first_line and b"," not in first_line}
     if kind := next((kind for kind, found in kinds.items() if found), None):
         raise InputError(f"{path}: {kind}; expected a comma-separated UTF-8 CSV, as Kaggle's")
+    width = _row_cells(path, -1)[1]  # the header's
+    _row_cells(path, 0, width)  # pandas would take a longer first row's extra cells for an index
     try:
         # The whole file at once: in chunks, pandas warns of a column's "mixed types" before our one line. No NA
         # parsing, so that a cell reading NA is named as written; a byte that is not UTF-8 reads as U+FFFD. Absolute
@@ -166,7 +170,12 @@ def read_digits_csv(path, role):
     except pd.errors.EmptyDataError:
         raise InputError(f"{path}: file is empty") from None
     except (pd.errors.ParserError, ValueError) as e:
+        if longer := re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(e)):  # a row past the first
+            raise InputError(f"{path}: line {longer[2]}: {longer[3]} cells, where the header has {longer[1]}") from None
         raise InputError(f"{path}: not a readable CSV ({str(e).strip().splitlines()[-1]})") from None
+    ends_empty = [] if pd.api.types.is_numeric_dtype(frame.iloc[:, -1]) else np.flatnonzero(frame.iloc[:, -1] == "")
+    if len(ends_empty):  # the first row that may be short: pandas reads the cells missing from one as empty
+        _row_cells(path, ends_empty[0], width)
     columns = [str(c).strip() for c in frame.columns]
     if not any(char.isalpha() for c in columns for char in c):
         raise InputError(f"{path}: the first line is a row of numbers, not a header; Kaggle's files start with "
@@ -177,6 +186,7 @@ def read_digits_csv(path, role):
         frame, columns = frame.iloc[:, 1:], columns[1:]
     frame.columns = columns
     labels, ids, pixel_columns = None, None, columns
+    named = next((names for names in PIXEL_NAMES if set(names) <= set(columns)), None)  # pixels taken by name
     if role == "train":
         if "label" not in columns:
             raise InputError(f"{path}: no 'label' column (expected label followed by {NUM_PIXELS} pixel columns)")
@@ -189,15 +199,16 @@ def read_digits_csv(path, role):
     elif "label" in columns:
         raise InputError(f"{path}: has a 'label' column; test images must be unlabelled "
                          f"(expected {NUM_PIXELS} pixel columns, optionally after an id column)")
-    elif len(columns) == NUM_PIXELS + 1:
-        if columns[0] not in SUBMISSION_LABEL or frame[columns[0]].duplicated().any():  # Kaggle refuses a repeat
-            raise InputError(f"{path}: the first of {len(columns)} columns, {columns[0]!r}, is not an id column of "
-                             f"Kaggle's ({' or '.join(SUBMISSION_LABEL)}, one id a row)")
-        pixel_columns = columns[1:]
-        ids = (columns[0], frame[columns[0]].to_numpy())
+    elif len(columns) == NUM_PIXELS + 1:  # the id column: the one that is not a named pixel, else the first
+        id_name = next(c for c in columns if c not in named) if named else columns[0]
+        if id_name not in SUBMISSION_LABEL or frame[id_name].duplicated().any():  # Kaggle refuses a repeat
+            raise InputError(f"{path}: column {columns.index(id_name) + 1} of {len(columns)}, {id_name!r}, is not an "
+                             f"id column of Kaggle's ({' or '.join(SUBMISSION_LABEL)}, one id a row)")
+        pixel_columns = [c for c in columns if c != id_name]
+        ids = (id_name, frame[id_name].to_numpy())
     if len(pixel_columns) != NUM_PIXELS:
         raise InputError(f"{path}: {len(pixel_columns)} pixel columns, expected {NUM_PIXELS} (28x28)")
-    return _integers(path, frame[pixel_columns], 255).astype(np.uint8), labels, ids
+    return _integers(path, frame[named or pixel_columns], 255).astype(np.uint8), labels, ids
 
 
 def _integers(path, frame, high):
@@ -221,11 +232,20 @@ def _integers(path, frame, high):
         problem = f"{cell!r} is not a number"
     else:
         problem = f"value {cell.strip()} is not an integer in 0-{high}"
-    # pandas skips blank lines, so the cell's line is counted in the file, rather than taken to be row + 2.
+    raise InputError(f"{path}: line {_row_cells(path, row)[0]}, column {frame.columns[col]}: {problem}")
+
+
+def _row_cells(path, row, width=None):
+    """(line number, cells) of data row `row` (from 0; -1 is the header), or (None, 1) past the end: pandas skips blank
+    lines, so the line is counted in the file. Kaggle's files quote nothing: a cell is what lies between commas. With
+    width, a row of another length is refused: one line with both counts, at any row's size."""
     with open(path, "rb") as f:
-        lines = (number for number, line in enumerate(f, 1) if line.strip())
-        line = next(itertools.islice(lines, row + 1, None))  # past the header
-    raise InputError(f"{path}: line {line}, column {frame.columns[col]}: {problem}")
+        lines = ((number, line) for number, line in enumerate(f, 1) if line.strip())
+        number, line = next(itertools.islice(lines, row + 1, None), (None, b""))
+    cells = line.count(b",") + 1
+    if width is not None and number is not None and cells != width:
+        raise InputError(f"{path}: line {number}: {cells} cell{'s' if cells > 1 else ''}, where the header has {width}")
+    return number, cells
 
 
 def submission_columns(data_dir, test_ids, n_test):
@@ -854,29 +874,40 @@ def load_checkpoint(path, device="cpu"):
         model = ARCHITECTURES[state["arch"]]()
         model.load_state_dict(state["model"])
     except Exception as e:  # torch.load raises many kinds on a truncated or foreign file
-        raise InputError(f"{path}: not a readable checkpoint ({type(e).__name__}); delete it to retrain that job, "
-                         "or pass --fresh to start over") from None
+        raise InputError(f"{path}: not a readable checkpoint ({type(e).__name__}); delete it to retrain it") from None
     return model, state
 
 
-def checkpoint_files(out, pattern):
-    """--out/checkpoints' files that match pattern, sorted: listed, never globbed, so --out x[1] is not x1."""
+CHECKPOINT_NAME = rf"({'|'.join(ARCHITECTURES)})_fold\d+(\.state)?\.pt"  # as checkpoint_path names them
+
+
+def checkpoint_files(out, name=CHECKPOINT_NAME):
+    """--out/checkpoints' files whose whole name matches the regular expression, sorted: listed, never globbed, so
+    --out x[1] is not x1; and only names this script writes (a user's wide_fold0.backup.pt is not one)."""
     folder = os.path.join(out, "checkpoints")
     names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-    return [os.path.join(folder, name) for name in names if fnmatch.fnmatchcase(name, pattern)]
+    return [os.path.join(folder, found) for found in names if re.fullmatch(name, found)]
 
 
 def finished_checkpoints(out):
     """Paths of the finished jobs' checkpoints in --out (in-progress states left out), sorted."""
-    return [path for path in checkpoint_files(out, "*_fold*.pt") if not path.endswith(".state.pt")]
+    return [path for path in checkpoint_files(out) if not path.endswith(".state.pt")]
+
+
+def own_checkpoints(cfg):
+    """The checkpoints and saved states of the jobs this command trains: all that --fresh discards."""
+    return [checkpoint_path(cfg.out, *job, state) for job in training_jobs(cfg) for state in (False, True)]
 
 
 RECIPE_KEYS = ("seed", "folds", "epochs", "batch_size", "lr", "weight_decay", "label_smoothing", "patience", "limit")
 
 
 def check_saved_recipes(cfg, recipe):
-    """Refuse to mix checkpoints of another recipe (seed, schedule, folds, data) into this run."""
-    for path in checkpoint_files(cfg.out, "*_fold*.pt"):
+    """Refuse to mix checkpoints of another recipe (seed, schedule, folds, data) into this run, those --fresh keeps."""
+    own = own_checkpoints(cfg)
+    for path in checkpoint_files(cfg.out):
+        if cfg.fresh and path in own:
+            continue
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("recipe", {})
         except Exception:
@@ -886,8 +917,8 @@ def check_saved_recipes(cfg, recipe):
         changed = [key for key in recipe if saved.get(key) != recipe[key]]
         if changed:
             what = ", ".join(f"{key} {saved.get(key)!r} -> {recipe[key]!r}" for key in changed)
-            raise InputError(f"{path}: made with a different recipe ({what}); pass --fresh to discard the saved "
-                             "state, or choose another --out")
+            how = "pass --fresh to retrain it" if path in own else "delete it (not a job this command trains)"
+            raise InputError(f"{path}: made with a different recipe ({what}); {how}, or choose another --out")
 
 
 def write_csv(path, frame, float_format=None):
@@ -896,14 +927,17 @@ def write_csv(path, frame, float_format=None):
 
 def claim_out(cfg):
     """Before the command's first write: lock --out for its life (a second command exits 2 before writing; the lock
-    dies with the process, SIGKILL included), probe that it can be written, apply --fresh, clear killed writes."""
+    dies with the process, SIGKILL included), probe that it can be written, apply --fresh, clear killed writes. A
+    refusal leaves no folder it made."""
     folder = os.path.join(cfg.out, "checkpoints")
     outputs = [os.path.join(cfg.out, name) for name in ("submission.csv", "oof.csv", "metrics.json", *PICTURES)]
-    jobs = [checkpoint_path(cfg.out, *job, state) for job in training_jobs(cfg) for state in (False, True)]
-    if taken := next((path for path in outputs + jobs if os.path.isdir(path)), None):
+    if taken := next((path for path in outputs + own_checkpoints(cfg) if os.path.isdir(path)), None):
         raise InputError(f"{taken}: a directory, where this command writes a file")
+    made = []
     try:
         for directory in (os.path.join(cfg.out, "demo_data"), folder) if cfg.demo else (folder,):
+            path = pathlib.Path(directory).absolute()
+            made += [str(new) for new in (path, *path.parents) if not new.exists()]
             os.makedirs(directory, exist_ok=True)
         lock = open(os.path.join(folder, ".lock"), "a+")
         try:
@@ -919,11 +953,22 @@ def claim_out(cfg):
             open(os.path.join(place, ".write-test"), "w").close()
             os.remove(os.path.join(place, ".write-test"))
     except OSError as e:
-        raise InputError(f"{cfg.out}: output directory cannot be written ({e.strerror or e})") from None
+        at_fault = e.filename or cfg.out
+        if os.path.basename(at_fault) in (".lock", ".write-test"):
+            at_fault = os.path.dirname(at_fault)
+        for top in [directory for directory in made if os.path.dirname(directory) not in made]:
+            shutil.rmtree(top, ignore_errors=True)  # folders this command made, with at most its .lock in them
+        raise InputError(f"{at_fault}: output directory cannot be written ({e.strerror or e})") from None
     lock.truncate(0)
     print(os.getpid(), file=lock, flush=True)  # for the message of a command that finds --out taken
-    for path in checkpoint_files(cfg.out, "*_fold*.pt*" if cfg.fresh else "*.tmp*"):  # --fresh: the .tmp files too
+    for path in checkpoint_files(cfg.out, CHECKPOINT_NAME + r"\.tmp\d+"):  # killed writes (write_atomic's names)
         os.remove(path)
+    if cfg.fresh:
+        discarded = [path for path in own_checkpoints(cfg) if os.path.exists(path)]
+        for path in discarded:
+            os.remove(path)
+        names = ", ".join(os.path.relpath(path, cfg.out) for path in discarded)
+        print(f"--fresh: discarded {names or 'nothing: none of its jobs had a checkpoint'}", flush=True)
     return lock
 
 
@@ -1344,8 +1389,7 @@ def check_inputs(cfg, device):
         adopt_saved_recipe(cfg)
     data = load_data(cfg, device)
     recipe = {**{key: getattr(cfg, key) for key in RECIPE_KEYS}, "data": data.digest}
-    if not cfg.fresh:
-        check_saved_recipes(cfg, recipe)
+    check_saved_recipes(cfg, recipe)
     return data, recipe
 
 
@@ -1397,8 +1441,8 @@ def launch(cfg, processes):
                 process.join()
             raise
         except torch.multiprocessing.ProcessExitedException as e:
-            if e.exit_code == 130:  # a process was interrupted, and the others stopped with it
-                raise KeyboardInterrupt from None
+            if e.exit_code in (130, 143):  # a process was interrupted or terminated, and the others stopped with it
+                raise (Terminated if e.exit_code == 143 else KeyboardInterrupt) from None
             if e.exit_code >= 0:  # it said why (exit code 2: its one line)
                 return e.exit_code
             print(f"error: process {e.error_index} of {processes} was killed by {signal.Signals(-e.exit_code).name}; "
@@ -1433,8 +1477,8 @@ def train_process(rank, cfg, world, port):
     except BrokenPipeError:  # `| head` has gone: the launcher exits with this code, as main() would
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(141)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    except KeyboardInterrupt as interrupt:
+        sys.exit(143 if isinstance(interrupt, Terminated) else 130)
 
 
 def start_distributed():
@@ -1588,9 +1632,13 @@ def write_outputs(cfg, data, device, wall_start, setup_seconds, demo_labels=None
     # A run that learned nothing (one epoch: BatchNorm's running statistics are not yet the data's) says so at the end.
     accuracy = oof_acc.get("ensemble", np.mean([r["best_val_acc"] for r in results]))
     share = np.bincount(predictions, minlength=NUM_CLASSES).max() / len(predictions)  # of the commonest digit
-    if accuracy < 2 / NUM_CLASSES or share > 0.5:
+    if accuracy < 2 / NUM_CLASSES:
         metrics["warning"] = (f"these models learned nothing: validation accuracy {accuracy:.2f} (chance: 0.10), and "
                               f"{share:.0%} of submission.csv is one digit. Do not submit it: train longer")
+    elif share > 0.5:  # the models read train.csv's digits: test.csv's images are not like them
+        metrics["warning"] = (f"{share:.0%} of submission.csv is one digit, though the models learned (validation "
+                              f"accuracy {accuracy:.2f}): test.csv's images are unlike train.csv's. Do not submit it: "
+                              "check test.csv's columns (their order, an extra one)")
     write_atomic(os.path.join(cfg.out, "metrics.json"),
                  lambda tmp: pathlib.Path(tmp).write_text(json.dumps(metrics, indent=1) + "\n"))
     print_summary(cfg, results, oof_acc, metrics)
@@ -1675,8 +1723,12 @@ def parse_args(argv=None):
     return cfg
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a killed Kaggle session, a scheduler) stops as cleanly as Ctrl-C, with exit code 143 as shells say."""
+
+
 def _interrupt(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM (a killed Kaggle session, a scheduler) stops as cleanly as Ctrl-C
+    raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
 
 def main(argv=None):
@@ -1698,11 +1750,11 @@ def main(argv=None):
     except BrokenPipeError:  # `| head` took what it wanted: stop quietly, as a Unix tool does (the state is saved)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else the flush at exit raises again
         return 141  # 128 + SIGPIPE, what a shell reports of a tool that SIGPIPE stopped
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         if os.environ.get("RANK", "0") == "0":  # one line for all torchrun's processes
             print("interrupted: every job saves its state after each epoch; run the same command again to "
                   "continue (add --fresh to start over)", file=sys.stderr)
-        return 130
+        return 143 if isinstance(interrupt, Terminated) else 130
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous_handler)

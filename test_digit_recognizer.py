@@ -442,6 +442,23 @@ def test_a_run_that_learned_nothing_says_so_next_to_its_submission(small_dir, tm
     assert "learned nothing" in json.loads((tmp_path / "metrics.json").read_text())["warning"]
 
 
+def test_models_that_learned_but_submit_one_digit_blame_test_csv_not_training(small_dir, early_stop_run, tmp_path,
+                                                                               capsys, monkeypatch):
+    """Every test image alike (as when test.csv's columns are not train.csv's): the models are fine, the input is not."""
+    out, jobs = early_stop_run
+    assert min(job["best_val_acc"] for job in jobs) > 0.3  # well above chance (0.10)
+    shutil.copytree(out / "checkpoints", tmp_path / "out" / "checkpoints")
+    data = copy_data(small_dir, tmp_path / "data")
+    test = pd.read_csv(data / "test.csv")
+    test.iloc[:] = test.iloc[[0] * len(test)].to_numpy()
+    test.to_csv(data / "test.csv", index=False)
+    without_matplotlib(monkeypatch)
+    assert dr.main(["--predict-only", "--data", str(data), "--out", str(tmp_path / "out"), "--no-tta"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("WARNING: 100% of submission.csv is one digit, though the models learned (validation "
+                          "accuracy 0.") and "check test.csv's columns" in err and "train longer" not in err
+
+
 def test_a_job_does_not_depend_on_the_jobs_before_it(both_archs_run, wide_run):
     """The wide models of a resnet+wide run equal those of a wide-only run."""
     for fold in (0, 1):
@@ -887,10 +904,13 @@ def write_bad_case(directory, case):
         expected_text = "2 rows leave a fold fewer than 2 training images"
     elif case == "test with an unknown id column":
         test.insert(0, "Id", np.arange(len(test)))
-        target, expected_text = "test", "the first of 785 columns, 'Id', is not an id column of Kaggle's"
+        target, expected_text = "test", "column 1 of 785, 'Id', is not an id column of Kaggle's"
     elif case == "test with a repeated id":  # Kaggle would refuse the submission
         test.insert(0, "ImageId", np.arange(len(test)) % 5 + 1)
-        target, expected_text = "test", "the first of 785 columns, 'ImageId', is not an id column of Kaggle's"
+        target, expected_text = "test", "column 1 of 785, 'ImageId', is not an id column of Kaggle's"
+    elif case == "test with an extra column at the end":  # the pixels are named: the odd column out is the extra one
+        test["extra"] = 0
+        target, expected_text = "test", "column 785 of 785, 'extra', is not an id column of Kaggle's"
     elif case == "test without a header":  # its first image would be taken for the column names
         target, expected_text = "test", "the first line is a row of numbers, not a header"
     kinds = {"tab-separated": ("train", "\t", "utf-8"), "semicolon-separated": ("test", ";", "utf-8"),
@@ -904,6 +924,13 @@ def write_bad_case(directory, case):
     test.to_csv(directory / "test.csv", index=False, header=case != "test without a header", **saved["test"])
     if case == "gzip-compressed":
         (directory / "train.csv").write_bytes(gzip.compress((directory / "train.csv").read_bytes()))
+    if case in ROW_CASES:  # rows as written, then changed: pandas would realign or pad a row of another length
+        target, line, edit, expected_text = ROW_CASES[case]
+        lines = (directory / f"{target}.csv").read_text(encoding="latin-1").splitlines()
+        lines[line - 1] = edit(lines[line - 1])
+        if line == 2:  # the first row, and every one after it
+            lines[2:] = [edit(row) for row in lines[2:]]
+        (directory / f"{target}.csv").write_text("\n".join(lines) + "\n")
     if case == "empty file":
         (directory / "train.csv").write_text("")
     if case == "missing test file":
@@ -911,7 +938,31 @@ def write_bad_case(directory, case):
     return f"{directory / expected[target]}: {expected_text}"
 
 
-BAD_CASES = ["missing label column", "two label columns", "too few pixel columns", "non-numeric cell", "NA in a label",
+def two_images(row):
+    return f"{row},{row}"
+
+
+def trailing_zero(row):
+    return row + ",0"
+
+
+def cut_after_700(row):
+    return ",".join(row.split(",")[:700])
+
+
+def semicolons(row):
+    return row.replace(",", ";")
+
+
+ROW_CASES = {  # case: (file, the first line changed (2: every row), change, what the line must say)
+    "a trailing cell on every test row": ("test", 2, trailing_zero, "line 2: 785 cells, where the header has 784"),
+    "a trailing cell on every train row": ("train", 2, trailing_zero, "line 2: 786 cells, where the header has 785"),
+    "two images on each line": ("test", 2, two_images, "line 2: 1568 cells, where the header has 784"),
+    "a longer row further down": ("train", 7, trailing_zero, "line 7: 786 cells, where the header has 785"),
+    "a short row": ("test", 4, cut_after_700, "line 4: 700 cells, where the header has 784"),
+    "a semicolon row": ("test", 3, semicolons, "line 3: 1 cell, where the header has 784"),
+}
+BAD_CASES = [*ROW_CASES, "test with an extra column at the end", "missing label column", "two label columns", "too few pixel columns", "non-numeric cell", "NA in a label",
              "empty cell", "pixel above 255", "fractional pixel", "a pixel a hair above 255", "pixel beyond int64",
              "negative pixel",
              "label outside 0-9", "empty file", "header only", "test with a label column",
@@ -1026,7 +1077,7 @@ FAULTS = {"numbers for a header": "the first line is a row of numbers", "an unkn
 def kaggle_csvs(draw):
     """(role, the file's bytes, the expected (pixels, labels, id column), or what its one error line must say)."""
     role = draw(st.sampled_from(["train", "test"]))
-    fault = draw(st.sampled_from([None, None, "cell", "cell", "cell", *FAULTS]))
+    fault = draw(st.sampled_from([None, None, "cell", "cell", "cell", "a row of another length", *FAULTS]))
     layout = draw(st.sampled_from(["kaggle", "pandas index"] + (["id", "ImageId"] if role == "test" else [])))
     if fault in ("an unknown id column", "783 pixels"):
         layout = "kaggle"
@@ -1041,6 +1092,10 @@ def kaggle_csvs(draw):
         frame.insert(0, "Id" if fault == "an unknown id column" else layout, ids)
     if fault == "783 pixels":
         frame = frame.drop(columns="pixel783")
+    order = draw(st.sampled_from(["as Kaggle's", "as Kaggle's", "reversed", "sorted as text", "shuffled"]))
+    if order != "as Kaggle's":  # the pixels are named: each is taken by its name, wherever it stands
+        shuffled = list(rng.permutation(frame.columns))
+        frame = frame[{"reversed": frame.columns[::-1], "sorted as text": sorted(frame.columns)}.get(order, shuffled)]
     frame = frame.astype(object)  # a cell can then hold any text
     said = FAULTS.get(fault)
     if role == "train" and fault == "an unknown id column":
@@ -1051,6 +1106,14 @@ def kaggle_csvs(draw):
         frame.iat[row, col] = draw(st.sampled_from(BAD_CELLS if frame.columns[col] == "label" else BAD_CELLS[:-1]))
         said = f"line {row + 2}, column {frame.columns[col]}: "
     text = frame.to_csv(index=layout == "pandas index", header=fault != "numbers for a header")
+    if fault == "a row of another length":  # longer or shorter: the first such row's line, and both counts
+        row, change = draw(st.integers(0, rows - 1)), draw(st.sampled_from([-700, -1, 1, 2, 784]))
+        lines = text.split("\n")
+        width = lines[0].count(",") + 1
+        cells = lines[row + 1].split(",")
+        lines[row + 1] = ",".join(cells[:change] if change < 0 else cells + ["0"] * change)
+        text = "\n".join(lines)
+        said = f"line {row + 2}: {width + change} cells, where the header has {width}"
     text = text.replace(",", {"tabs": "\t", "semicolons": ";"}.get(fault, ","))
     data = gzip.compress(text.encode()) if fault == "gzip" else text.encode("utf-16" if fault == "UTF-16" else "utf-8")
     expected = (pixels, labels if role == "train" else None, (layout, ids) if layout in ("id", "ImageId") else None)
@@ -1716,7 +1779,7 @@ def test_sigterm_stops_cleanly_with_a_line_saying_how_to_continue(small_dir, tmp
     process, state = start_until_first_epoch_saved(small_dir, tmp_path, stderr=subprocess.PIPE, text=True)
     process.send_signal(signal.SIGTERM)  # what Kaggle or a scheduler sends at the time limit
     _, err = process.communicate(timeout=60)
-    assert process.returncode == 130
+    assert process.returncode == 128 + signal.SIGTERM
     assert err.splitlines()[-1].startswith("interrupted: every job saves its state after each epoch; run the same "
                                            "command again to continue") and "Traceback" not in err
     assert state.exists() and not (tmp_path / "submission.csv").exists()
@@ -2007,7 +2070,7 @@ def test_sigterm_to_several_processes_saves_each_and_says_once_how_to_continue(s
                                                         text=True)
     command.send_signal(signal.SIGTERM)
     _, err = command.communicate(timeout=120)
-    assert command.returncode == 130
+    assert command.returncode == 128 + signal.SIGTERM
     assert err.splitlines() == ["interrupted: every job saves its state after each epoch; run the same command again "
                                 "to continue (add --fresh to start over)"]
     assert not still_running(processes) and all(state.exists() for state in states)
@@ -2041,6 +2104,32 @@ def test_csv_errors_name_the_files_own_line_past_blank_lines(tmp_path):
     assert np.array_equal(pixels, frame.to_numpy())
 
 
+@pytest.mark.parametrize("order", ["reversed", "sorted as text by a spreadsheet", "label and id last"])
+def test_named_pixel_columns_are_taken_by_name_in_any_order(order, tmp_path):
+    rng = np.random.default_rng(0)
+    names = [f"pixel{i}" for i in range(784)]
+    frame = pd.DataFrame(rng.integers(0, 256, (5, 784)), columns=names)
+    columns = {"reversed": names[::-1], "sorted as text by a spreadsheet": sorted(names)}.get(order, names)
+    for role, extra in (("train", "label"), ("test", "ImageId")):
+        shuffled = frame[columns].assign(**{extra: np.arange(1, 6)})  # label or id at the end
+        if order != "label and id last":
+            shuffled = shuffled[[extra, *columns]]
+        shuffled.to_csv(tmp_path / f"{role}.csv", index=False)
+        pixels, labels, ids = dr.read_digits_csv(str(tmp_path / f"{role}.csv"), role)
+        assert np.array_equal(pixels, frame.to_numpy())
+        assert np.array_equal(labels if role == "train" else ids[1], np.arange(1, 6))
+
+
+def test_a_row_of_two_million_cells_is_one_line_in_a_second(tmp_path):
+    """pandas took its extra cells for an index: minutes and gigabytes, then a one-row submission."""
+    header = ",".join(f"pixel{i}" for i in range(784))
+    (tmp_path / "test.csv").write_text(header + "\n" + ",".join(["0"] * 2_000_000) + "\n")
+    start = time.perf_counter()
+    with pytest.raises(dr.InputError, match="line 2: 2000000 cells, where the header has 784$"):
+        dr.read_digits_csv(str(tmp_path / "test.csv"), "test")
+    assert time.perf_counter() - start < 5
+
+
 def kaggle_sized_csv(path, rows, label=False):
     """A train.csv (42,000 rows) or test.csv (28,000) of Kaggle's size and layout, fast: every row alike."""
     header = ",".join((["label"] if label else []) + [f"pixel{i}" for i in range(784)])
@@ -2061,7 +2150,7 @@ def test_a_fault_in_kaggle_sized_files_is_one_line(fault, tmp_path, capsys):
         last_row = text.rstrip(b"\n").rsplit(b"\n", 1)[1]
         kept = b",".join(last_row.split(b",")[:700])
         (tmp_path / "test.csv").write_bytes(text[:len(text) - len(last_row) - 1] + kept)
-        expected = f"{tmp_path / 'test.csv'}: line 28001, column pixel700: empty cell"
+        expected = f"{tmp_path / 'test.csv'}: line 28001: 700 cells, where the header has 784"
     else:
         lines = (tmp_path / "train.csv").read_text().splitlines(keepends=True)
         lines[41_990] = lines[41_990].replace(",128,", ",12O,", 1)
@@ -2101,7 +2190,8 @@ def test_a_demo_that_is_refused_writes_nothing_in_out(wide_run, tmp_path, capsys
     (tmp_path / "other" / "demo_data").parent.mkdir()
     (tmp_path / "other" / "demo_data").write_text("a file")
     assert dr.main(["--demo", "--out", str(tmp_path / "other"), "--epochs", "1", "--device", "cpu"]) == 2
-    assert capsys.readouterr().err == f"error: {tmp_path / 'other'}: output directory cannot be written (File exists)\n"
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'other' / 'demo_data'}: output directory cannot be written "
+                                       "(File exists)\n")
     assert os.listdir(tmp_path / "other") == ["demo_data"]
 
 
@@ -2120,12 +2210,66 @@ def test_a_path_that_starts_with_a_tilde_is_that_folder_not_home(tiny_dir, tmp_p
 
 
 def test_fresh_removes_the_outputs_it_cannot_redo(tiny_dir, wide_run, tmp_path):
-    """--fresh --fold 0 after a full run: fold 0's submission, and no out-of-fold file or pictures of the old models."""
+    """--fresh --fold 0 where fold 1 is gone: fold 0's submission, and no out-of-fold file or pictures of old models."""
     shutil.copytree(wide_run, tmp_path / "out")
+    (tmp_path / "out" / "checkpoints" / "wide_fold1.pt").unlink()
     assert dr.main(tiny_args(tiny_dir, tmp_path / "out", "--archs", "wide", "--fresh", "--fold", "0")) == 0
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["checkpoints", "metrics.json",
                                                                           "submission.csv"]
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["oof_accuracy"] == {}
+
+
+@pytest.mark.parametrize("options,discarded", [
+    (["--fold", "1"], "checkpoints/resnet_fold1.pt, checkpoints/wide_fold1.pt"),
+    pytest.param(["--archs", "wide"], "checkpoints/wide_fold0.pt, checkpoints/wide_fold1.pt", marks=pytest.mark.slow)])
+def test_fresh_discards_only_the_jobs_it_trains(options, discarded, tiny_dir, both_archs_run, tmp_path, capsys,
+                                                monkeypatch):
+    """One Kaggle session per fold, gathered in one --out: redoing one fold keeps every other session's work, and a
+    file the script does not write."""
+    out = tmp_path / "out"
+    shutil.copytree(both_archs_run, out)
+    shutil.copy(out / "checkpoints" / "wide_fold0.pt", out / "checkpoints" / "wide_fold0.backup.pt")
+    before = {path.name: path.read_bytes() for path in (out / "checkpoints").iterdir()}
+    without_matplotlib(monkeypatch)
+    assert dr.main(tiny_args(tiny_dir, out, "--fresh", "--no-tta", *options)) == 0
+    printed = capsys.readouterr().out
+    assert f"--fresh: discarded {discarded}\n" in printed and "missing jobs" not in printed
+    retrained = {name.split("/")[1] for name in discarded.split(", ")}
+    after = {path.name: path.read_bytes() for path in (out / "checkpoints").iterdir() if path.name != ".lock"}
+    assert after.keys() == before.keys() - {".lock"}
+    assert all(after[name] == before[name] for name in after if name not in retrained)
+    assert all(after[name] != before[name] for name in retrained)  # trained again (their seconds differ)
+
+
+def test_fresh_refuses_before_deleting_when_a_checkpoint_it_keeps_has_another_recipe(tiny_dir, wide_run, tmp_path,
+                                                                                      capsys):
+    shutil.copytree(wide_run, tmp_path / "out")
+    before = {path: path.read_bytes() for path in (tmp_path / "out").rglob("*") if path.is_file()}
+    args = tiny_args(tiny_dir, tmp_path / "out", "--archs", "wide", "--fresh", "--fold", "1", "--seed", "7")
+    assert dr.main(args) == 2
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'out' / 'checkpoints' / 'wide_fold0.pt'}: made with a "
+                                       "different recipe (seed 42 -> 7); delete it (not a job this command trains), "
+                                       "or choose another --out\n")
+    assert {path: path.read_bytes() for path in (tmp_path / "out").rglob("*") if path.is_file()} == before
+
+
+def test_predict_only_with_mixed_recipes_advises_what_it_accepts(tiny_dir, wide_run, tmp_path, capsys):
+    shutil.copytree(wide_run / "checkpoints", tmp_path / "checkpoints")
+    state = torch.load(tmp_path / "checkpoints" / "wide_fold1.pt", weights_only=True)
+    state["recipe"]["seed"] = 7
+    torch.save(state, tmp_path / "checkpoints" / "wide_fold1.pt")
+    assert dr.main(["--predict-only", "--data", str(tiny_dir), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.endswith("wide_fold1.pt: made with a different recipe (seed 7 -> 42); delete it (not a job this command "
+                        "trains), or choose another --out\n") and "--fresh" not in err
+
+
+def test_an_out_that_cannot_be_made_leaves_no_folder(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "a" / "b" / "c" / ("x" * 300) / "run"
+    assert dr.main(tiny_args(tiny_dir, out)) == 2
+    assert capsys.readouterr().err == (f"error: {out.parent}: output directory cannot be written (File name too "
+                                       "long)\n")
+    assert os.listdir(tmp_path) == []
 
 
 def files_in(out):
@@ -2213,17 +2357,18 @@ def drop_dac_override():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's capabilities")
-def test_an_out_whose_top_cannot_be_written_is_refused_before_training(small_dir, tmp_path):
+@pytest.mark.parametrize("read_only", ["out", "out/checkpoints"])
+def test_an_out_whose_top_cannot_be_written_is_refused_before_training(read_only, small_dir, tmp_path):
     out = tmp_path / "out"
     (out / "checkpoints").mkdir(parents=True)
-    out.chmod(0o555)  # checkpoints/ can be written; submission.csv could not
+    (tmp_path / read_only).chmod(0o555)  # the other can be written: submission.csv or a checkpoint could not
     try:
         result = subprocess.run([sys.executable, SCRIPT, *tiny_args(small_dir, out)], capture_output=True, text=True,
                                 preexec_fn=drop_dac_override, timeout=300)
     finally:
-        out.chmod(0o755)
+        (tmp_path / read_only).chmod(0o755)
     assert result.returncode == 2 and "epoch" not in result.stdout
-    assert result.stderr == f"error: {out}: output directory cannot be written (Permission denied)\n"
+    assert result.stderr == f"error: {tmp_path / read_only}: output directory cannot be written (Permission denied)\n"
 
 
 # -----------------------------------------------------------------------------------------------------------------
