@@ -433,6 +433,7 @@ def resolve_device(name, local_rank=0):
     """auto: cuda, then mps, then cpu. Process k takes GPU k modulo their number, made the current CUDA device."""
     if name in ("auto", "cuda") and torch.cuda.is_available():
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)  # first: else the check below may open a context on GPU 0 too
         try:  # a card this build has no kernels for (Kaggle's P100 under CUDA 12.8) fails its first one
             with warnings.catch_warnings(action="ignore"):  # torch's own paragraph about such a card: our line says it
                 torch.ones(1, device=device).add_(1).item()
@@ -442,8 +443,7 @@ def resolve_device(name, local_rank=0):
                              f"{major}.{minor}) cannot run this PyTorch {torch.__version__} (built for "
                              f"{' '.join(torch.cuda.get_arch_list())}): choose Kaggle's GPU T4 x2, or pass "
                              "--device cpu") from None
-        torch.cuda.set_device(device)  # graph capture and side streams work on the current device
-        return device
+        return device  # the current CUDA device: graph capture and side streams work on it
     if name == "auto":
         return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
     if name != "cpu" and not (torch.cuda.is_available() if name == "cuda" else torch.backends.mps.is_available()):
@@ -610,36 +610,43 @@ def adamw(params, cfg, amp_dtype, capturable=False):
 
 def capture_step(step, static_idx, model, optimizer, scaler, generator):
     """Record step(static_idx) as a CUDA graph, after the real steps capture needs, on a side stream: what they change
-    is put back, so runs captured at epoch 1 and resumed and captured at epoch k train exactly the same steps."""
+    is put back, so runs captured at epoch 1 and resumed and captured at epoch k train exactly the same steps. So it
+    is when capture fails, for the job to go on eagerly."""
     device = static_idx.device
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     moments = {p: {k: v.clone() for k, v in state.items()} for p, state in optimizer.state.items()}
     scaling = scaler.state_dict()  # float16's loss scale and growth count ({} for the disabled scaler)
-    random_states = generator.get_state(), torch.cuda.get_rng_state(device)
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(3):
+    random_states = rng_states(generator, device)
+    streams = getattr(torch, device.type)  # torch.cuda (torch.cpu's streams do nothing: a failed capture's test)
+    try:
+        side = streams.Stream(device)
+        side.wait_stream(streams.current_stream(device))
+        with streams.stream(side):
+            for _ in range(3):
+                step(static_idx)
+        streams.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        graph.register_generator_state(generator)
+        optimizer.zero_grad(set_to_none=True)
+        with torch.cuda.graph(graph):
             step(static_idx)
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    graph.register_generator_state(generator)
-    optimizer.zero_grad(set_to_none=True)
-    with torch.cuda.graph(graph):
-        step(static_idx)
-    with torch.no_grad():
-        for k, v in model.state_dict().items():
-            v.copy_(weights[k])
-        for p, state in optimizer.state.items():
-            for k, v in state.items():
-                if p in moments:
-                    v.copy_(moments[p][k])
-                else:  # a new job: AdamW's fresh state is all zeros, its step count too
-                    v.zero_()
-    scaler.load_state_dict(scaling)  # in place, into the tensors the graph reads
-    generator.set_state(random_states[0])
-    torch.cuda.set_rng_state(random_states[1], device)
-    return graph
+        return graph
+    finally:
+        with torch.no_grad():
+            for k, v in model.state_dict().items():
+                v.copy_(weights[k])
+            for p, state in optimizer.state.items():
+                for k, v in state.items():
+                    if p in moments:
+                        v.copy_(moments[p][k])
+                    else:  # a new job: AdamW's fresh state is all zeros, its step count too
+                        v.zero_()
+        scaler.load_state_dict(scaling)  # in place, into the tensors the graph reads
+        set_rng_states(random_states, generator, device, seed=None)
+
+
+def cuda_graphs(device):
+    return device.type == "cuda" and hasattr(torch.cuda.CUDAGraph, "register_generator_state")
 
 
 def train_job(cfg, arch, fold, data, device, progress, recipe):
@@ -654,8 +661,7 @@ def train_job(cfg, arch, fold, data, device, progress, recipe):
     amp_dtype, memory_format = autocast_dtype(device, cfg.precision), memory_format_for(device)
     # On a GPU a full batch's whole step (augmentation, forward, backward, AdamW) is one CUDA graph replay: a batch
     # of 128 digits is some 470 kernels too small to keep a GPU busy when launched one by one.
-    graphed = device.type == "cuda" and hasattr(torch.cuda.CUDAGraph, "register_generator_state") and \
-        len(train_idx) >= cfg.batch_size
+    graphed = cuda_graphs(device) and len(train_idx) >= cfg.batch_size
 
     model = ARCHITECTURES[arch]().to(device, memory_format=memory_format)
     # In a CUDA graph, AdamW's step count and learning rate live on the device (capturable).
@@ -686,16 +692,27 @@ def train_job(cfg, arch, fold, data, device, progress, recipe):
                      "kind of device: its random streams start afresh)"), job["epoch"])
     # How AdamW runs, and the learning rate's type, are this session's choice, whatever kind of run saved the state:
     # a graphed GPU run's capturable AdamW fails on the CPU, and a CPU run's fails in a graph.
-    for group in optimizer.param_groups:
+    lrs = [float(group["lr"]) for group in optimizer.param_groups]  # as an eager run has them, and a failed capture
+    for group, lr in zip(optimizer.param_groups, lrs):
         group.update(implementation)
-        group["lr"] = torch.tensor(float(group["lr"]), device=device) if graphed else float(group["lr"])
+        group["lr"] = torch.tensor(lr, device=device) if graphed else lr
     scheduler.base_lrs = [float(lr) for lr in scheduler.base_lrs]
     totals = {"loss_sum": torch.zeros((), device=device), "correct": torch.zeros((), dtype=torch.long, device=device)}
     step = lambda batch_idx: train_step(model, optimizer, scaler, train_images, train_labels, batch_idx, generator,
                                         amp_dtype, cfg, totals)
     static_idx = torch.arange(cfg.batch_size, device=device) if graphed else None  # the graph's input: a batch
     model.train()
-    graph = capture_step(step, static_idx, model, optimizer, scaler, generator) if graphed else None
+    graph = None
+    if graphed:
+        try:
+            graph = capture_step(step, static_idx, model, optimizer, scaler, generator)
+        except Exception as e:  # an operation this card or its driver cannot capture: capture_step put all back
+            card = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+            error = str(e).partition("\n")[0]
+            progress.say(arch, fold, f"cannot capture a CUDA graph on {card} ({type(e).__name__}: {error}): training "
+                         "eagerly")
+            for group, lr in zip(optimizer.param_groups, lrs):  # AdamW as an eager run has it
+                group.update(capturable=False, lr=lr)
 
     # Each epoch's state is copied to the host and written by a second thread while the next epoch trains.
     saving = None
@@ -716,7 +733,8 @@ def train_job(cfg, arch, fold, data, device, progress, recipe):
             lr = float(optimizer.param_groups[0]["lr"])
             scheduler.step()
             train_loss = totals["loss_sum"].item() / n_used  # float16's skipped steps leave loss and weights finite
-            if not (math.isfinite(train_loss) and all(t.isfinite().all() for t in model.state_dict().values())):
+            weights_finite = torch.stack([t.isfinite().all() for t in model.state_dict().values()]).all().item()
+            if not (math.isfinite(train_loss) and weights_finite):  # (one sync, not one per tensor)
                 raise InputError(f"{arch}_fold{fold}: training diverged in epoch {job['epoch']} (loss {train_loss:g}, "
                                  "weights no longer finite), so nothing is written from it: lower --lr or "
                                  "--weight-decay (a new recipe: another --out, or --fresh)")

@@ -2301,3 +2301,19 @@ def test_cuda_resumes_a_state_saved_on_the_cpu(small_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "(saved on another kind of device: its random streams start afresh)" in result.stdout
     assert json.loads((tmp_path / "metrics.json").read_text())["device"].startswith("cuda")
+
+
+@pytest.mark.parametrize("warm_up", ["fails", "completes"])
+def test_a_job_whose_step_cannot_be_captured_trains_eagerly_to_the_same_bytes(warm_up, tiny_dir, wide_run, tmp_path,
+                                                                                capsys, monkeypatch):
+    """A card or driver that cannot capture some operation: the job says so in one line and trains as an eager run
+    would. On the CPU the capture fails by itself: at the capturable AdamW's first warm-up step (after augmentation
+    and a forward pass), or once three warm-up steps changed weights, moments and random streams, at the CUDA graph."""
+    monkeypatch.setattr(dr, "cuda_graphs", lambda device: True)
+    if warm_up == "completes":
+        adamw = dr.adamw
+        monkeypatch.setattr(dr, "adamw", lambda params, cfg, amp_dtype, capturable: adamw(params, cfg, amp_dtype))
+    assert dr.main(tiny_args(tiny_dir, tmp_path, "--archs", "wide")) == 0
+    out = capsys.readouterr().out
+    assert out.count("cannot capture a CUDA graph on cpu (") == 2 and out.count("): training eagerly\n") == 2
+    assert output_bytes(tmp_path) == output_bytes(wide_run)
