@@ -25,9 +25,11 @@ import fnmatch
 import glob
 import hashlib
 import importlib.metadata
+import importlib.util
 import io
 import itertools
 import json
+import linecache
 import logging
 import math
 import os
@@ -134,6 +136,14 @@ class InputError(Exception):
 
 def in_notebook():  # a Jupyter kernel: sys.argv holds its own arguments, and a SystemExit prints a traceback
     return "ipykernel" in sys.modules
+
+
+class CellFailed(Exception):
+    """A failed command's end in a Jupyter kernel: its cell fails, so "Run All" stops there and Kaggle marks the
+    version failed. IPython shows _render_traceback_() in place of a traceback: nothing under the command's line."""
+
+    def _render_traceback_(self):
+        return []
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -1316,18 +1326,55 @@ def processes_for(cfg):
     return max(1, min(cfg.processes or gpus, len(training_jobs(cfg))))
 
 
+@contextlib.contextmanager
+def importable_copy():
+    """This file's text as a module in a folder on sys.path, which the processes import (spawn pickles a function as
+    its module's name and its own): the file's text, or in a Jupyter kernel, where __main__ is no file, the cell's,
+    which IPython keeps in linecache. None where there is no text (code run by exec, say)."""
+    lines = linecache.getlines(train_process.__code__.co_filename)
+    if not lines:
+        yield None
+        return
+    name = f"digit_recognizer_{os.getpid()}"  # not a module that the kernel or a test has imported
+    with tempfile.TemporaryDirectory() as folder:
+        path = pathlib.Path(folder, f"{name}.py")
+        path.write_text("".join(lines), encoding="utf-8")
+        spec = importlib.util.spec_from_file_location(name, path)
+        sys.modules[name] = module = importlib.util.module_from_spec(spec)
+        sys.path.insert(0, folder)
+        try:
+            spec.loader.exec_module(module)
+            yield module
+        finally:
+            sys.path.remove(folder)
+            del sys.modules[name]
+
+
 def launch(cfg, processes):
     """Train in processes that run this command with torchrun's environment: inputs checked once here, one line for
     bad input. torch.multiprocessing stops the others when one fails, and all with SIGINT when this one dies."""
-    if globals().get("__file__") is None:  # pasted into a notebook cell: no file for the processes to import
-        print(f"{processes} processes wanted, but a notebook cell cannot start them: one process trains every job "
-              "(to spread them, save the cell as a file and run that: see the README's Long runs)", flush=True)
-        run(cfg)
-        return 0
+    with importable_copy() as module:
+        if module is None:
+            print(f"{processes} processes wanted, but this code has no text to start them from: one process trains "
+                  "every job (to spread them, save it as a file and run that)", flush=True)
+            run(cfg)
+            return 0
+        try:
+            return spread(module.train_process, cfg, processes)
+        except torch.multiprocessing.ProcessRaisedException as e:  # a bug: its traceback, then which process said it
+            print(e.msg.strip(), file=sys.stderr)
+            print(f"error: process {e.error_index} of {processes} failed: {e.msg.strip().splitlines()[-1]}",
+                  file=sys.stderr)
+            return 1  # as Python's for an uncaught exception
+
+
+def spread(train_process, cfg, processes):
+    """launch()'s work, with the processes' train_process: check the card, the inputs, then start and wait for them."""
     logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)  # no "Terminating process" lines
+    fields = dataclasses.asdict(cfg)  # a Config of the processes' module: the launcher's may be a kernel's
     if cfg.device != "cpu" and torch.cuda.is_available():  # the card, in a process of its own
         try:
-            torch.multiprocessing.start_processes(train_process, (cfg, 1, None), 1)
+            torch.multiprocessing.start_processes(train_process, (fields, 1, None), 1)
         except torch.multiprocessing.ProcessExitedException as e:
             return e.exit_code
     else:
@@ -1338,7 +1385,7 @@ def launch(cfg, processes):
         port = probe.getsockname()[1]
     with claim_out(cfg):  # the processes are one command: --out is claimed for them, and --fresh done here
         print(f"spreading the jobs over {processes} processes", flush=True)
-        args = (dataclasses.replace(cfg, fresh=False), processes, port)
+        args = ({**fields, "fresh": False}, processes, port)
         context = torch.multiprocessing.start_processes(train_process, args, processes, join=False)
         try:
             while not context.join():
@@ -1360,9 +1407,10 @@ def launch(cfg, processes):
     return 0
 
 
-def train_process(rank, cfg, world, port):
+def train_process(rank, fields, world, port):
     """Process `rank` of launch()'s, exiting as main() would: run() with torchrun's environment, or with no port, the
     launcher's check of the card and --precision (a CUDA context in the launcher would hold GPU memory all along)."""
+    cfg = Config(**fields)
     if port is not None:
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -1664,5 +1712,7 @@ def main(argv=None):
 
 if __name__ == "__main__":
     exit_code = main()
-    if exit_code and not in_notebook():  # in a notebook the error line ends it, with no SystemExit traceback under it
+    if exit_code and in_notebook():  # no SystemExit: IPython prints its traceback and a warning under the line
+        raise CellFailed(f"exit code {exit_code}")
+    if exit_code:
         raise SystemExit(exit_code)
