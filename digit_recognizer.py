@@ -25,7 +25,6 @@ import fnmatch
 import glob
 import hashlib
 import importlib.metadata
-import importlib.util
 import io
 import itertools
 import json
@@ -620,8 +619,7 @@ def adamw(params, cfg, amp_dtype, capturable=False):
 
 def capture_step(step, static_idx, model, optimizer, scaler, generator):
     """Record step(static_idx) as a CUDA graph, after the real steps capture needs, on a side stream: what they change
-    is put back, so runs captured at epoch 1 and resumed and captured at epoch k train exactly the same steps. So it
-    is when capture fails, for the job to go on eagerly."""
+    is put back (capture failed too), so runs captured at epoch 1 and resumed and captured at epoch k train the same."""
     device = static_idx.device
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     moments = {p: {k: v.clone() for k, v in state.items()} for p, state in optimizer.state.items()}
@@ -717,10 +715,9 @@ def train_job(cfg, arch, fold, data, device, progress, recipe):
         try:
             graph = capture_step(step, static_idx, model, optimizer, scaler, generator)
         except Exception as e:  # an operation this card or its driver cannot capture: capture_step put all back
-            card = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
             error = str(e).partition("\n")[0]
-            progress.say(arch, fold, f"cannot capture a CUDA graph on {card} ({type(e).__name__}: {error}): training "
-                         "eagerly")
+            progress.say(arch, fold, f"cannot capture a CUDA graph on {device} ({type(e).__name__}: {error}): "
+                         "training eagerly")
             for group, lr in zip(optimizer.param_groups, lrs):  # AdamW as an eager run has it
                 group.update(capturable=False, lr=lr)
 
@@ -1337,44 +1334,28 @@ def importable_copy():
         return
     name = f"digit_recognizer_{os.getpid()}"  # not a module that the kernel or a test has imported
     with tempfile.TemporaryDirectory() as folder:
-        path = pathlib.Path(folder, f"{name}.py")
-        path.write_text("".join(lines), encoding="utf-8")
-        spec = importlib.util.spec_from_file_location(name, path)
-        sys.modules[name] = module = importlib.util.module_from_spec(spec)
+        pathlib.Path(folder, f"{name}.py").write_text("".join(lines), encoding="utf-8")
         sys.path.insert(0, folder)
         try:
-            spec.loader.exec_module(module)
-            yield module
+            yield importlib.import_module(name)
         finally:
             sys.path.remove(folder)
             del sys.modules[name]
 
 
-def launch(cfg, processes):
-    """Train in processes that run this command with torchrun's environment: inputs checked once here, one line for
-    bad input. torch.multiprocessing stops the others when one fails, and all with SIGINT when this one dies."""
-    with importable_copy() as module:
-        if module is None:
-            print(f"{processes} processes wanted, but this code has no text to start them from: one process trains "
-                  "every job (to spread them, save it as a file and run that)", flush=True)
-            run(cfg)
-            return 0
-        try:
-            return spread(module.train_process, cfg, processes)
-        except torch.multiprocessing.ProcessRaisedException as e:  # a bug: its traceback, then which process said it
-            print(e.msg.strip(), file=sys.stderr)
-            print(f"error: process {e.error_index} of {processes} failed: {e.msg.strip().splitlines()[-1]}",
-                  file=sys.stderr)
-            return 1  # as Python's for an uncaught exception
-
-
-def spread(train_process, cfg, processes):
-    """launch()'s work, with the processes' train_process: check the card, the inputs, then start and wait for them."""
+def launch(cfg, processes, module):
+    """Train in processes that run module.train_process with torchrun's environment: inputs checked once here, one
+    line for bad input. torch.multiprocessing stops the others when one fails, and all with SIGINT when this dies."""
+    if module is None:
+        print(f"{processes} processes wanted, but this code has no text for them to import: one process trains all",
+              flush=True)
+        run(cfg)
+        return 0
     logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)  # no "Terminating process" lines
     fields = dataclasses.asdict(cfg)  # a Config of the processes' module: the launcher's may be a kernel's
     if cfg.device != "cpu" and torch.cuda.is_available():  # the card, in a process of its own
         try:
-            torch.multiprocessing.start_processes(train_process, (fields, 1, None), 1)
+            torch.multiprocessing.start_processes(module.train_process, (fields, 1, None), 1)
         except torch.multiprocessing.ProcessExitedException as e:
             return e.exit_code
     else:
@@ -1386,7 +1367,7 @@ def spread(train_process, cfg, processes):
     with claim_out(cfg):  # the processes are one command: --out is claimed for them, and --fresh done here
         print(f"spreading the jobs over {processes} processes", flush=True)
         args = ({**fields, "fresh": False}, processes, port)
-        context = torch.multiprocessing.start_processes(train_process, args, processes, join=False)
+        context = torch.multiprocessing.start_processes(module.train_process, args, processes, join=False)
         try:
             while not context.join():
                 pass
@@ -1691,7 +1672,8 @@ def main(argv=None):
         if cfg.predict:
             return predict_files(cfg)
         if (processes := processes_for(cfg)) > 1:
-            return launch(cfg, processes)
+            with importable_copy() as module:
+                return launch(cfg, processes, module)
         run(cfg)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -1699,6 +1681,11 @@ def main(argv=None):
     except BrokenPipeError:  # `| head` took what it wanted: stop quietly, as a Unix tool does (the state is saved)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else the flush at exit raises again
         return 141  # 128 + SIGPIPE, what a shell reports of a tool that SIGPIPE stopped
+    except torch.multiprocessing.ProcessRaisedException as e:  # a bug in a process: its traceback, then one line
+        trace = e.msg.strip()
+        print(trace, file=sys.stderr)
+        print(f"error: process {e.error_index} of {processes} failed: {trace.splitlines()[-1]}", file=sys.stderr)
+        return 1  # as Python's for an uncaught exception
     except KeyboardInterrupt:
         if os.environ.get("RANK", "0") == "0":  # one line for all torchrun's processes
             print("interrupted: every job saves its state after each epoch; run the same command again to "

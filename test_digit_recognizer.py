@@ -2072,7 +2072,7 @@ def test_code_whose_text_cannot_be_had_trains_in_one_process(small_dir, tmp_path
     without_matplotlib(monkeypatch)
     monkeypatch.setattr(torch.multiprocessing, "start_processes", lambda *a, **k: pytest.fail("started processes"))
     assert dr.main(tiny_args(small_dir, tmp_path, "--processes", "2", "--archs", "wide", "--no-tta")) == 0
-    assert "this code has no text to start them from: one process trains every job" in capsys.readouterr().out
+    assert "this code has no text for them to import: one process trains all" in capsys.readouterr().out
     assert (tmp_path / "submission.csv").exists()
 
 
