@@ -442,8 +442,8 @@ def resolve_device(name, local_rank=0):
     """auto: cuda, then mps, then cpu. Process k takes GPU k modulo their number, made the current CUDA device."""
     if name in ("auto", "cuda") and torch.cuda.is_available():
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)  # first: else the check below may open a context on GPU 0 too
         try:  # a card this build has no kernels for (Kaggle's P100 under CUDA 12.8) fails its first one
+            torch.cuda.set_device(device)  # first: else the check below may open a context on GPU 0 too
             with warnings.catch_warnings(action="ignore"):  # torch's own paragraph about such a card: our line says it
                 torch.ones(1, device=device).add_(1).item()
         except (RuntimeError, AssertionError):
