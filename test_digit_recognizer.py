@@ -760,6 +760,45 @@ def test_the_file_pasted_into_a_real_jupyter_kernel(options, small_dir, tmp_path
         assert output_bytes(out) == output_bytes(tmp_path / "one")
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's /proc")
+def test_interrupting_a_kernel_stops_and_saves_the_processes_and_fails_the_cell(small_dir, tmp_path):
+    """The kernel's interrupt (Jupyter's stop button; Jupyter sends SIGINT to the kernel's process group, so the
+    processes get it too, as from a shell's Ctrl-C) stops both processes, each saving its state, and the cell fails
+    under the one line that says how to continue."""
+    import jupyter_client
+    manager = jupyter_client.KernelManager()
+    manager.start_kernel(cwd=str(tmp_path), env={k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"})
+    client = manager.client()
+    client.start_channels()
+    try:
+        client.wait_for_ready(timeout=120)
+        argv = long_run_args(small_dir, tmp_path, "--processes", "2", "--epochs", "40", "--patience", "40")
+        client.execute_interactive(f"import sys\nsys.argv[1:] = {argv!r}", timeout=60)
+        cell = client.execute(open(SCRIPT).read())
+        states = [tmp_path / "checkpoints" / f"wide_fold{fold}.state.pt" for fold in (0, 1)]
+        deadline = time.time() + 300
+        while not all(state.exists() for state in states) and time.time() < deadline:
+            time.sleep(0.05)
+        processes = children(manager.provisioner.process.pid)
+        manager.interrupt_kernel()
+        reply = client.get_shell_msg(timeout=120)
+        outputs = []
+        while not outputs or outputs[-1]["msg_type"] != "status" or outputs[-1]["content"]["execution_state"] != "idle":
+            outputs.append(client.get_iopub_msg(timeout=60))
+    finally:
+        client.stop_channels()
+        manager.shutdown_kernel(now=True)
+    assert reply["parent_header"]["msg_id"] == cell and reply["content"]["status"] == "error"
+    stderr = "".join(m["content"]["text"] for m in outputs if m["msg_type"] == "stream" and m["content"]["name"] ==
+                     "stderr")
+    assert stderr == ("interrupted: every job saves its state after each epoch; run the same command again to "
+                      "continue (add --fresh to start over)\n")
+    assert len(processes) >= 2 and not still_running(processes)
+    assert all(torch.load(state, weights_only=True)["epoch"] >= 1 for state in states)
+    assert not (tmp_path / "submission.csv").exists() and not list((tmp_path / "checkpoints").glob("*.tmp*"))
+
+
 def kannada_like(small_dir, folder):
     """A Kannada-MNIST-shaped competition folder: test.csv starts with an id column, and Dig-MNIST.csv is beside."""
     folder.mkdir(parents=True)
