@@ -28,6 +28,7 @@ import importlib.metadata
 import io
 import itertools
 import json
+import linecache
 import logging
 import math
 import os
@@ -136,6 +137,14 @@ class InputError(Exception):
 
 def in_notebook():  # a Jupyter kernel: sys.argv holds its own arguments, and a SystemExit prints a traceback
     return "ipykernel" in sys.modules
+
+
+class CellFailed(Exception):
+    """A failed command's end in a Jupyter kernel: its cell fails, so "Run All" stops there and Kaggle marks the
+    version failed. IPython shows _render_traceback_() in place of a traceback: nothing under the command's line."""
+
+    def _render_traceback_(self):
+        return []
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -455,6 +464,7 @@ def resolve_device(name, local_rank=0):
     if name in ("auto", "cuda") and torch.cuda.is_available():
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
         try:  # a card this build has no kernels for (Kaggle's P100 under CUDA 12.8) fails its first one
+            torch.cuda.set_device(device)  # first: else the check below may open a context on GPU 0 too
             with warnings.catch_warnings(action="ignore"):  # torch's own paragraph about such a card: our line says it
                 torch.ones(1, device=device).add_(1).item()
         except (RuntimeError, AssertionError):
@@ -463,8 +473,7 @@ def resolve_device(name, local_rank=0):
                              f"{major}.{minor}) cannot run this PyTorch {torch.__version__} (built for "
                              f"{' '.join(torch.cuda.get_arch_list())}): choose Kaggle's GPU T4 x2, or pass "
                              "--device cpu") from None
-        torch.cuda.set_device(device)  # graph capture and side streams work on the current device
-        return device
+        return device  # the current CUDA device: graph capture and side streams work on it
     if name == "auto":
         return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
     if name != "cpu" and not (torch.cuda.is_available() if name == "cuda" else torch.backends.mps.is_available()):
@@ -593,7 +602,9 @@ def train_job(cfg, arch, fold, data, device, progress, recipe):
     seed = job_seed(cfg.seed, arch, fold)
     torch.manual_seed(seed)  # model init (on the CPU, so the same on every device) and dropout
     generator = torch.Generator(device=device).manual_seed(seed)  # shuffling and augmentation
-    amp_dtype, graphed = autocast_dtype(device, cfg.precision), uses_cuda_graph(device, len(train_idx), cfg.batch_size)
+    amp_dtype = autocast_dtype(device, cfg.precision)
+    graphed = cuda_graphs(device) and len(train_idx) >= cfg.batch_size
+    say = functools.partial(progress.say, arch, fold)  # a line about this job
 
     model = ARCHITECTURES[arch]().to(device, memory_format=memory_format_for(device))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -602,13 +613,13 @@ def train_job(cfg, arch, fold, data, device, progress, recipe):
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # float16 only: loss scaling
     state_path = checkpoint_path(cfg.out, arch, fold, in_progress=True)
     parts = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)  # what a resume restores
-    job = resume_job(state_path, parts, generator, device, seed, progress, arch, fold)
+    job = resume_job(state_path, parts, generator, device, seed, say)
     totals = {"loss_sum": torch.zeros((), device=device), "correct": torch.zeros((), dtype=torch.long, device=device)}
 
     def step(batch_idx):
         train_step(model, optimizer, scaler, train_images, train_labels, batch_idx, generator, amp_dtype, cfg, totals)
     if graphed:
-        step = graph_full_batches(step, cfg.batch_size, parts, generator)
+        step = graph_full_batches(step, cfg.batch_size, parts, generator, say)
     n_train = len(train_images)
     n_used = n_train - 1 if n_train % cfg.batch_size == 1 else n_train  # BatchNorm cannot train on a batch of one
 
@@ -658,7 +669,7 @@ def validation_accuracy(model, images, labels, amp_dtype):
 
 def check_finite(model, train_loss, job_name, epoch):
     """A job whose loss or weights are no longer finite stops the command (float16's skipped steps leave both finite)."""
-    weights_finite = all(t.isfinite().all() for t in model.state_dict().values())
+    weights_finite = torch.stack([t.isfinite().all() for t in model.state_dict().values()]).all().item()  # one sync
     if not (math.isfinite(train_loss) and weights_finite):
         raise InputError(f"{job_name}: training diverged in epoch {epoch} (loss {train_loss:g}, weights no longer "
                          "finite), so nothing is written from it: lower --lr or --weight-decay (a new recipe: another "
@@ -689,7 +700,7 @@ def job_state(job, parts, generator, recipe):
                       "rng": rng_states(generator, device), "recipe": recipe})
 
 
-def resume_job(path, parts, generator, device, seed, progress, arch, fold):
+def resume_job(path, parts, generator, device, seed, say):
     """A job's progress (epoch, best so far, history): a fresh one, or the saved state's, loaded into parts and the
     random streams. An unreadable state (a disk fault: writes are atomic) redoes at most the epochs it held."""
     job = dict(epoch=0, best_acc=-1.0, best_epoch=0, best_state=None, stale=0, history=[], train_seconds=0.0)
@@ -711,8 +722,8 @@ def resume_job(path, parts, generator, device, seed, progress, arch, fold):
         group.update(implementation, lr=float(group["lr"]))
     job = {key: saved[key] for key in job}
     same_streams = set_rng_states(saved["rng"], generator, device, seed + job["epoch"])
-    progress.say(arch, fold, f"resumes after epoch {job['epoch']}" + ("" if same_streams else " (saved on another "
-                 "kind of device: its random streams start afresh)"), job["epoch"])
+    say(f"resumes after epoch {job['epoch']}" + ("" if same_streams else " (saved on another kind of device: its "
+        "random streams start afresh)"), job["epoch"])
     return job
 
 
@@ -773,9 +784,9 @@ def set_rng_states(states, generator, device, seed):
 # batch of 128 digits is some 470 kernels, too small to keep a GPU busy when launched one by one
 
 
-def uses_cuda_graph(device, n_train, batch_size):
-    return device.type == "cuda" and hasattr(torch.cuda.CUDAGraph, "register_generator_state") and \
-        n_train >= batch_size
+def cuda_graphs(device):
+    """Whether to capture steps on this device: a CUDA one, with a torch whose graphs can hold our own generator."""
+    return device.type == "cuda" and hasattr(torch.cuda.CUDAGraph, "register_generator_state")
 
 
 def adamw_implementation(amp_dtype, graphed=False):
@@ -784,14 +795,23 @@ def adamw_implementation(amp_dtype, graphed=False):
     return dict(capturable=graphed, fused=amp_dtype == torch.float16 or None)
 
 
-def graph_full_batches(step, batch_size, parts, generator):
-    """step, with each full batch replayed from one CUDA graph of it; the last, smaller batch runs as it is."""
-    device = generator.device
-    for group in parts["optimizer"].param_groups:  # capturable AdamW reads its learning rate on the device
+def graph_full_batches(step, batch_size, parts, generator, say):
+    """step, with each full batch replayed from one CUDA graph of it; the last, smaller batch runs as it is. Where the
+    capture fails (an operation this card or driver cannot capture), capture_step put all back: step runs eagerly."""
+    device, optimizer = generator.device, parts["optimizer"]
+    eager_lrs = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:  # capturable AdamW reads its learning rate on the device
         group["lr"] = torch.tensor(group["lr"], device=device)
     static_idx = torch.arange(batch_size, device=device)  # the graph's input: a batch's indices
     parts["model"].train()
-    graph = capture_step(step, static_idx, parts["model"], parts["optimizer"], parts["scaler"], generator)
+    try:
+        graph = capture_step(step, static_idx, parts["model"], optimizer, parts["scaler"], generator)
+    except Exception as e:
+        say(f"cannot capture a CUDA graph on {device} ({type(e).__name__}: {str(e).partition(chr(10))[0]}): "
+            "training eagerly")
+        for group, lr in zip(optimizer.param_groups, eager_lrs):  # AdamW as an eager run has it
+            group.update(capturable=False, lr=lr)
+        return step
 
     def replay_or_step(batch_idx):
         if len(batch_idx) == batch_size:
@@ -804,36 +824,38 @@ def graph_full_batches(step, batch_size, parts, generator):
 
 def capture_step(step, static_idx, model, optimizer, scaler, generator):
     """Record step(static_idx) as a CUDA graph, after the real steps capture needs, on a side stream: what they change
-    is put back, so runs captured at epoch 1 and resumed and captured at epoch k train exactly the same steps."""
+    is put back (capture failed too), so runs captured at epoch 1 and resumed and captured at epoch k train the same."""
     device = static_idx.device
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     moments = {p: {k: v.clone() for k, v in state.items()} for p, state in optimizer.state.items()}
     scaling = scaler.state_dict()  # float16's loss scale and growth count ({} for the disabled scaler)
-    random_states = generator.get_state(), torch.cuda.get_rng_state(device)
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(3):
+    random_states = rng_states(generator, device)
+    streams = getattr(torch, device.type)  # torch.cuda (torch.cpu's streams do nothing: a failed capture's test)
+    try:
+        side = streams.Stream(device)
+        side.wait_stream(streams.current_stream(device))
+        with streams.stream(side):
+            for _ in range(3):
+                step(static_idx)
+        streams.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        graph.register_generator_state(generator)
+        optimizer.zero_grad(set_to_none=True)
+        with torch.cuda.graph(graph):
             step(static_idx)
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    graph.register_generator_state(generator)
-    optimizer.zero_grad(set_to_none=True)
-    with torch.cuda.graph(graph):
-        step(static_idx)
-    with torch.no_grad():
-        for k, v in model.state_dict().items():
-            v.copy_(weights[k])
-        for p, state in optimizer.state.items():
-            for k, v in state.items():
-                if p in moments:
-                    v.copy_(moments[p][k])
-                else:  # a new job: AdamW's fresh state is all zeros, its step count too
-                    v.zero_()
-    scaler.load_state_dict(scaling)  # in place, into the tensors the graph reads
-    generator.set_state(random_states[0])
-    torch.cuda.set_rng_state(random_states[1], device)
-    return graph
+        return graph
+    finally:
+        with torch.no_grad():
+            for k, v in model.state_dict().items():
+                v.copy_(weights[k])
+            for p, state in optimizer.state.items():
+                for k, v in state.items():
+                    if p in moments:
+                        v.copy_(moments[p][k])
+                    else:  # a new job: AdamW's fresh state is all zeros, its step count too
+                        v.zero_()
+        scaler.load_state_dict(scaling)  # in place, into the tensors the graph reads
+        set_rng_states(random_states, generator, device, seed=None)
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -1407,18 +1429,39 @@ def processes_for(cfg):
     return max(1, min(cfg.processes or gpus, len(training_jobs(cfg))))
 
 
-def launch(cfg, processes):
-    """Train in processes that run this command with torchrun's environment: inputs checked once here, one line for
-    bad input. torch.multiprocessing stops the others when one fails, and all with SIGINT when this one dies."""
-    if globals().get("__file__") is None:  # pasted into a notebook cell: no file for the processes to import
-        print(f"{processes} processes wanted, but a notebook cell cannot start them: one process trains every job "
-              "(to spread them, save the cell as a file and run that: see the README's Long runs)", flush=True)
+@contextlib.contextmanager
+def importable_copy():
+    """This file's text as a module in a folder on sys.path, which the processes import (spawn pickles a function as
+    its module's name and its own): the file's text, or in a Jupyter kernel, where __main__ is no file, the cell's,
+    which IPython keeps in linecache. None where there is no text (code run by exec, say)."""
+    lines = linecache.getlines(train_process.__code__.co_filename)
+    if not lines:
+        yield None
+        return
+    name = f"digit_recognizer_{os.getpid()}"  # not a module that the kernel or a test has imported
+    with tempfile.TemporaryDirectory() as folder:
+        pathlib.Path(folder, f"{name}.py").write_text("".join(lines), encoding="utf-8")
+        sys.path.insert(0, folder)
+        try:
+            yield importlib.import_module(name)
+        finally:
+            sys.path.remove(folder)
+            del sys.modules[name]
+
+
+def launch(cfg, processes, module):
+    """Train in processes that run module.train_process with torchrun's environment: inputs checked once here, one
+    line for bad input. torch.multiprocessing stops the others when one fails, and all with SIGINT when this dies."""
+    if module is None:
+        print(f"{processes} processes wanted, but this code has no text for them to import: one process trains all",
+              flush=True)
         run(cfg)
         return 0
     logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)  # no "Terminating process" lines
+    fields = dataclasses.asdict(cfg)  # a Config of the processes' module: the launcher's may be a kernel's
     if cfg.device != "cpu" and torch.cuda.is_available():  # the card, in a process of its own
         try:
-            torch.multiprocessing.start_processes(train_process, (cfg, 1, None), 1)
+            torch.multiprocessing.start_processes(module.train_process, (fields, 1, None), 1)
         except torch.multiprocessing.ProcessExitedException as e:
             return e.exit_code
     else:
@@ -1429,8 +1472,8 @@ def launch(cfg, processes):
         port = probe.getsockname()[1]
     with claim_out(cfg):  # the processes are one command: --out is claimed for them, and --fresh done here
         print(f"spreading the jobs over {processes} processes", flush=True)
-        args = (dataclasses.replace(cfg, fresh=False), processes, port)
-        context = torch.multiprocessing.start_processes(train_process, args, processes, join=False)
+        args = ({**fields, "fresh": False}, processes, port)
+        context = torch.multiprocessing.start_processes(module.train_process, args, processes, join=False)
         try:
             while not context.join():
                 pass
@@ -1451,9 +1494,10 @@ def launch(cfg, processes):
     return 0
 
 
-def train_process(rank, cfg, world, port):
+def train_process(rank, fields, world, port):
     """Process `rank` of launch()'s, exiting as main() would: run() with torchrun's environment, or with no port, the
     launcher's check of the card and --precision (a CUDA context in the launcher would hold GPU memory all along)."""
+    cfg = Config(**fields)
     if port is not None:
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -1742,7 +1786,8 @@ def main(argv=None):
         if cfg.predict:
             return predict_files(cfg)
         if (processes := processes_for(cfg)) > 1:
-            return launch(cfg, processes)
+            with importable_copy() as module:
+                return launch(cfg, processes, module)
         run(cfg)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -1750,6 +1795,11 @@ def main(argv=None):
     except BrokenPipeError:  # `| head` took what it wanted: stop quietly, as a Unix tool does (the state is saved)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else the flush at exit raises again
         return 141  # 128 + SIGPIPE, what a shell reports of a tool that SIGPIPE stopped
+    except torch.multiprocessing.ProcessRaisedException as e:  # a bug in a process: its traceback, then one line
+        trace = e.msg.strip()
+        print(trace, file=sys.stderr)
+        print(f"error: process {e.error_index} of {processes} failed: {trace.splitlines()[-1]}", file=sys.stderr)
+        return 1  # as Python's for an uncaught exception
     except KeyboardInterrupt as interrupt:
         if os.environ.get("RANK", "0") == "0":  # one line for all torchrun's processes
             print("interrupted: every job saves its state after each epoch; run the same command again to "
@@ -1763,5 +1813,7 @@ def main(argv=None):
 
 if __name__ == "__main__":
     exit_code = main()
-    if exit_code and not in_notebook():  # in a notebook the error line ends it, with no SystemExit traceback under it
+    if exit_code and in_notebook():  # no SystemExit: IPython prints its traceback and a warning under the line
+        raise CellFailed(f"exit code {exit_code}")
+    if exit_code:
         raise SystemExit(exit_code)

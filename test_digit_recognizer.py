@@ -733,28 +733,87 @@ def test_no_data_and_no_kaggle_directory_says_what_to_do(tmp_path, monkeypatch, 
 @pytest.mark.parametrize("options", ["as the README says", "none"])
 def test_the_file_pasted_into_a_real_jupyter_kernel(options, small_dir, tmp_path):
     """A notebook cell holding the whole file, in a real ipykernel, after a cell that sets the options the README's
-    way, or with none and no Kaggle folder: its one error line, with no SystemExit traceback or IPython warning."""
+    way, with two processes (what T4 x2 gives by default): they train the jobs, to the bytes of one 1-thread process.
+    With no options and no Kaggle folder: its one error line, with no SystemExit traceback or IPython warning, and
+    the cell fails, so that the next one does not run (Kaggle's "Save & Run All" marks such a version failed)."""
     import nbclient
     import nbformat
     out = tmp_path / "out"
-    cells = [nbformat.v4.new_code_cell(open(SCRIPT).read())]
+    cells = [nbformat.v4.new_code_cell(open(SCRIPT).read()), nbformat.v4.new_code_cell("print('the next cell ran')")]
     if options != "none":
-        argv = tiny_args(small_dir, out, "--archs", "wide")
-        cells.insert(0, nbformat.v4.new_code_cell(f"import sys\nsys.argv[1:] = {argv!r}"))
+        argv = tiny_args(small_dir, out, "--archs", "wide", "--processes", "2")
+        cells.insert(0, nbformat.v4.new_code_cell(f"import os, sys\nos.environ['OMP_NUM_THREADS'] = '1'\n"
+                                                  f"sys.argv[1:] = {argv!r}"))
     notebook = nbformat.v4.new_notebook(cells=cells)
-    nbclient.NotebookClient(notebook, timeout=600, allow_errors=True,
-                            resources={"metadata": {"path": str(tmp_path)}}).execute()
-    outputs = notebook.cells[-1].outputs
+    client = nbclient.NotebookClient(notebook, timeout=600, resources={"metadata": {"path": str(tmp_path)}})
+    # Under pytest, ipykernel leaves the output of processes (file descriptors 1 and 2) to pytest, not to the cell.
+    env = {name: value for name, value in os.environ.items() if name != "PYTEST_CURRENT_TEST"}
+    if options == "none":
+        with pytest.raises(nbclient.exceptions.CellExecutionError):
+            client.execute(env=env)
+    else:
+        client.execute(env=env)
+    outputs = notebook.cells[-2].outputs
     shown = {name: "".join(o.get("text", "") for o in outputs if o.get("name") == name) for name in ("stdout", "stderr")}
-    assert [o.output_type for o in outputs if o.output_type not in ("stream", "display_data")] == []  # no traceback
+    errors = [o for o in outputs if o.output_type not in ("stream", "display_data")]
     assert "SystemExit" not in str(outputs) and "To exit" not in str(outputs)
     if options == "none":
         assert shown["stderr"].startswith("error: no --data given") and shown["stderr"].count("\n") == 1
         assert "sys.argv[1:] = ['--data', 'DIR']" in shown["stderr"] and os.listdir(tmp_path) == []
+        assert [(o.output_type, o.traceback) for o in errors] == [("error", [])]  # nothing shown under the line
+        assert notebook.cells[-1].outputs == []
     else:
+        assert errors == [] and notebook.cells[-1].outputs[0].text == "the next cell ran\n"
+        assert shown["stdout"].startswith("spreading the jobs over 2 processes\n")
+        assert "[rank 0] wide_fold0" in shown["stdout"] and "[rank 1] wide_fold1" in shown["stdout"]
         assert shown["stdout"].rstrip().endswith(f"submission: {out / 'submission.csv'}")
         assert "error" not in shown["stderr"] and "ignoring" not in shown["stderr"]
-        assert len(pd.read_csv(out / "submission.csv")) == 40
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            assert dr.main(tiny_args(small_dir, tmp_path / "one", "--archs", "wide")) == 0
+        finally:
+            torch.set_num_threads(threads)
+        assert output_bytes(out) == output_bytes(tmp_path / "one")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's /proc")
+def test_interrupting_a_kernel_stops_and_saves_the_processes_and_fails_the_cell(small_dir, tmp_path):
+    """The kernel's interrupt (Jupyter's stop button; Jupyter sends SIGINT to the kernel's process group, so the
+    processes get it too, as from a shell's Ctrl-C) stops both processes, each saving its state, and the cell fails
+    under the one line that says how to continue."""
+    import jupyter_client
+    manager = jupyter_client.KernelManager()
+    manager.start_kernel(cwd=str(tmp_path), env={k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"})
+    client = manager.client()
+    client.start_channels()
+    try:
+        client.wait_for_ready(timeout=120)
+        argv = long_run_args(small_dir, tmp_path, "--processes", "2", "--epochs", "40", "--patience", "40")
+        client.execute_interactive(f"import sys\nsys.argv[1:] = {argv!r}", timeout=60)
+        cell = client.execute(open(SCRIPT).read())
+        states = [tmp_path / "checkpoints" / f"wide_fold{fold}.state.pt" for fold in (0, 1)]
+        deadline = time.time() + 300
+        while not all(state.exists() for state in states) and time.time() < deadline:
+            time.sleep(0.05)
+        processes = children(manager.provisioner.process.pid)
+        manager.interrupt_kernel()
+        reply = client.get_shell_msg(timeout=120)
+        outputs = []
+        while not outputs or outputs[-1]["msg_type"] != "status" or outputs[-1]["content"]["execution_state"] != "idle":
+            outputs.append(client.get_iopub_msg(timeout=60))
+    finally:
+        client.stop_channels()
+        manager.shutdown_kernel(now=True)
+    assert reply["parent_header"]["msg_id"] == cell and reply["content"]["status"] == "error"
+    stderr = "".join(m["content"]["text"] for m in outputs if m["msg_type"] == "stream" and m["content"]["name"] ==
+                     "stderr")
+    assert stderr == ("interrupted: every job saves its state after each epoch; run the same command again to "
+                      "continue (add --fresh to start over)\n")
+    assert len(processes) >= 2 and not still_running(processes)
+    assert all(torch.load(state, weights_only=True)["epoch"] >= 1 for state in states)
+    assert not (tmp_path / "submission.csv").exists() and not list((tmp_path / "checkpoints").glob("*.tmp*"))
 
 
 def kannada_like(small_dir, folder):
@@ -1774,6 +1833,22 @@ def test_float16_step_whose_gradients_overflow_is_skipped_and_the_scale_drops(di
     assert not all(torch.equal(p, before[name]) for name, p in model.named_parameters())
 
 
+@pytest.mark.parametrize("warm_up", ["fails", "completes"])
+def test_a_job_whose_step_cannot_be_captured_trains_eagerly_to_the_same_bytes(warm_up, tiny_dir, wide_run, tmp_path,
+                                                                                capsys, monkeypatch):
+    """A card or driver that cannot capture some operation: the job says so in one line and trains as an eager run
+    would. On the CPU the capture fails by itself: at the capturable AdamW's first warm-up step (after augmentation
+    and a forward pass), or once three warm-up steps changed weights, moments and random streams, at the CUDA graph."""
+    monkeypatch.setattr(dr, "cuda_graphs", lambda device: True)
+    if warm_up == "completes":
+        eager = dr.adamw_implementation
+        monkeypatch.setattr(dr, "adamw_implementation", lambda amp_dtype, graphed: eager(amp_dtype))
+    assert dr.main(tiny_args(tiny_dir, tmp_path, "--archs", "wide")) == 0
+    out = capsys.readouterr().out
+    assert out.count("cannot capture a CUDA graph on cpu (") == 2 and out.count("): training eagerly\n") == 2
+    assert output_bytes(tmp_path) == output_bytes(wide_run)
+
+
 @pytest.mark.slow
 def test_sigterm_stops_cleanly_with_a_line_saying_how_to_continue(small_dir, tmp_path):
     process, state = start_until_first_epoch_saved(small_dir, tmp_path, stderr=subprocess.PIPE, text=True)
@@ -2063,6 +2138,22 @@ def test_when_one_process_is_killed_the_other_stops_and_the_command_exits_128_pl
     assert all(state.exists() for state in states)
 
 
+def test_a_process_that_fails_unexpectedly_ends_the_command_with_a_line_naming_it(tiny_dir, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """Not bad input but a bug, or a fault of the card: the process's traceback, then one line saying which failed."""
+    trace = ("Traceback (most recent call last):\n  File \"digit_recognizer.py\", line 1, in train_process\n"
+             "torch.AcceleratorError: CUDA error: an illegal memory access was encountered\n")
+
+    def one_fails(*args, **kwargs):  # what torch.multiprocessing raises once process 1 has failed so
+        raise torch.multiprocessing.ProcessRaisedException(
+            f"\n\n-- Process 1 terminated with the following error:\n{trace}", 1, 4321)
+    monkeypatch.setattr(torch.multiprocessing, "start_processes", one_fails)
+    assert dr.main(tiny_args(tiny_dir, tmp_path, "--archs", "wide", "--processes", "2")) == 1
+    err = capsys.readouterr().err
+    assert err.endswith(f"{trace}error: process 1 of 2 failed: torch.AcceleratorError: CUDA error: an illegal "
+                        "memory access was encountered\n")
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's /proc")
 def test_sigterm_to_several_processes_saves_each_and_says_once_how_to_continue(small_dir, tmp_path):
@@ -2077,12 +2168,13 @@ def test_sigterm_to_several_processes_saves_each_and_says_once_how_to_continue(s
     assert not list((tmp_path / "checkpoints").glob("*.tmp*"))
 
 
-def test_a_notebook_cell_trains_in_one_process(small_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.delattr(dr, "__file__")  # code pasted into a cell has no file to start again
+def test_code_whose_text_cannot_be_had_trains_in_one_process(small_dir, tmp_path, capsys, monkeypatch):
+    code = dr.train_process.__code__  # as for code run by exec(): linecache has no text of it, nothing to import
+    monkeypatch.setattr(dr.train_process, "__code__", code.replace(co_filename="<string>"))
     without_matplotlib(monkeypatch)
     monkeypatch.setattr(torch.multiprocessing, "start_processes", lambda *a, **k: pytest.fail("started processes"))
     assert dr.main(tiny_args(small_dir, tmp_path, "--processes", "2", "--archs", "wide", "--no-tta")) == 0
-    assert "a notebook cell cannot start them: one process trains every job" in capsys.readouterr().out
+    assert "this code has no text for them to import: one process trains all" in capsys.readouterr().out
     assert (tmp_path / "submission.csv").exists()
 
 
