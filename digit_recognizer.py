@@ -50,9 +50,9 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
+import torch.fx.experimental.optimization
 import torch.nn.functional as F
 from sklearn.model_selection import StratifiedKFold
-from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 KAGGLE_INPUT = "/kaggle/input"  # where Kaggle mounts a kernel's data
 # The competition's folder under it: where 2026 kernels mount it, then where older ones did.
@@ -528,21 +528,9 @@ def autocast_dtype(device, precision="auto"):
 
 
 def fold_batchnorm(model):
-    """An inference copy with each BatchNorm folded into the conv or linear layer registered (and run) before it."""
-    model = copy.deepcopy(model).eval()
-    for module in model.modules():
-        names = list(module._modules)
-        for first, second in zip(names, names[1:]):
-            layer, norm = module._modules[first], module._modules[second]
-            if isinstance(layer, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d):
-                module._modules[first] = fuse_conv_bn_eval(layer, norm)
-            elif isinstance(layer, nn.Linear) and isinstance(norm, nn.BatchNorm1d):
-                module._modules[first] = fuse_linear_bn_eval(layer, norm)
-            else:
-                continue
-            module._modules[second] = nn.Identity()
-    device = next(model.parameters()).device
-    return model.to(memory_format=memory_format_for(device))
+    """An inference copy with each BatchNorm folded into the conv or linear layer before it (torch.fx finds them)."""
+    folded = torch.fx.experimental.optimization.fuse(copy.deepcopy(model).eval(), inplace=True)
+    return folded.to(memory_format=memory_format_for(next(model.parameters()).device))
 
 
 @torch.no_grad()
