@@ -444,9 +444,9 @@ def test_a_run_that_learned_nothing_says_so_next_to_its_submission(small_dir, tm
 
 def test_models_that_learned_but_submit_one_digit_blame_test_csv_not_training(small_dir, early_stop_run, tmp_path,
                                                                                capsys, monkeypatch):
-    """Every test image alike (as when test.csv's columns are not train.csv's): the models are fine, the input is not."""
+    """Every test image alike (as when test.csv's columns are not train.csv's): the models are fine, not the input."""
     out, jobs = early_stop_run
-    assert min(job["best_val_acc"] for job in jobs) > 0.3  # well above chance (0.10)
+    assert min(job["best_val_acc"] for job in jobs) > 0.2  # above chance (0.10): what "learned" means to the warning
     shutil.copytree(out / "checkpoints", tmp_path / "out" / "checkpoints")
     data = copy_data(small_dir, tmp_path / "data")
     test = pd.read_csv(data / "test.csv")
@@ -1021,7 +1021,8 @@ ROW_CASES = {  # case: (file, the first line changed (2: every row), change, wha
     "a short row": ("test", 4, cut_after_700, "line 4: 700 cells, where the header has 784"),
     "a semicolon row": ("test", 3, semicolons, "line 3: 1 cell, where the header has 784"),
 }
-BAD_CASES = [*ROW_CASES, "test with an extra column at the end", "missing label column", "two label columns", "too few pixel columns", "non-numeric cell", "NA in a label",
+BAD_CASES = [*ROW_CASES, "test with an extra column at the end",
+             "missing label column", "two label columns", "too few pixel columns", "non-numeric cell", "NA in a label",
              "empty cell", "pixel above 255", "fractional pixel", "a pixel a hair above 255", "pixel beyond int64",
              "negative pixel",
              "label outside 0-9", "empty file", "header only", "test with a label column",
@@ -2330,7 +2331,7 @@ def test_fresh_discards_only_the_jobs_it_trains(options, discarded, tiny_dir, bo
     after = {path.name: path.read_bytes() for path in (out / "checkpoints").iterdir() if path.name != ".lock"}
     assert after.keys() == before.keys() - {".lock"}
     assert all(after[name] == before[name] for name in after if name not in retrained)
-    assert all(after[name] != before[name] for name in retrained)  # trained again (their seconds differ)
+    assert all(f"{name[:-3]:<12} epoch  1/1" in printed for name in retrained)  # trained again
 
 
 def test_fresh_refuses_before_deleting_when_a_checkpoint_it_keeps_has_another_recipe(tiny_dir, wide_run, tmp_path,
