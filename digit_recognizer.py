@@ -625,7 +625,9 @@ def train_job(cfg, arch, fold, data, device, progress, recipe):
             scheduler.step()  # the cosine schedule moves once an epoch
             train_loss = totals["loss_sum"].item() / n_used
             check_finite(model, train_loss, f"{arch}_fold{fold}", job["epoch"])
-            val_acc = validation_accuracy(model, val_images, val_labels, amp_dtype)
+            # Validated as the ensemble predicts: BatchNorm folded (into a copy: training goes on), the plain images.
+            val_probs = predict_probs(fold_batchnorm(model), val_images, tta_views(tta=False), amp_dtype)
+            val_acc = float((val_probs.argmax(1).numpy() == val_labels).mean())
             if val_acc > job["best_acc"]:  # keep the best epoch's weights
                 job.update(best_acc=val_acc, best_epoch=job["epoch"], stale=0, best_state=host_copy(model.state_dict()))
             else:  # early stopping counts the epochs without a better one
@@ -648,16 +650,10 @@ def train_job(cfg, arch, fold, data, device, progress, recipe):
     os.remove(state_path)
 
 
-def validation_accuracy(model, images, labels, amp_dtype):
-    """Accuracy as the ensemble will predict: BatchNorm folded as in predict_jobs (on a copy, as training goes on),
-    the plain images only."""
-    probs = predict_probs(fold_batchnorm(model), images, tta_views(tta=False), amp_dtype)
-    return float((probs.argmax(1).numpy() == labels).mean())
-
-
 def check_finite(model, train_loss, job_name, epoch):
-    """A job whose loss or weights are no longer finite stops the command (float16's skipped steps leave both finite)."""
-    weights_finite = torch.stack([t.isfinite().all() for t in model.state_dict().values()]).all().item()  # one sync
+    """A job whose loss or weights are no longer finite stops the command (float16's skipped steps leave both finite).
+    The weights are checked with one device sync, not one per tensor."""
+    weights_finite = torch.stack([t.isfinite().all() for t in model.state_dict().values()]).all().item()
     if not (math.isfinite(train_loss) and weights_finite):
         raise InputError(f"{job_name}: training diverged in epoch {epoch} (loss {train_loss:g}, weights no longer "
                          "finite), so nothing is written from it: lower --lr or --weight-decay (a new recipe: another "
@@ -833,9 +829,8 @@ def capture_step(step, static_idx, model, optimizer, scaler, generator):
             step(static_idx)
         return graph
     finally:
+        model.load_state_dict(weights)  # in place, as the graph reads these tensors
         with torch.no_grad():
-            for k, v in model.state_dict().items():
-                v.copy_(weights[k])
             for p, state in optimizer.state.items():
                 for k, v in state.items():
                     if p in moments:
@@ -1009,6 +1004,10 @@ PICTURES = ("curves.png", "confusion.png", "mistakes.png", "samples.png")
 TILE_GAP, TILE_INCHES = 4, 1.1 / 32  # white pixels between tiles; inches per pixel of a tile picture
 
 
+def write_png(fig, path):
+    write_atomic(path, functools.partial(fig.savefig, format="png"))
+
+
 def tiles_figure(pictures, columns, titles=None):
     """A figure of (N, H, W) pictures in [0, 1], in rows of `columns` on one axes with white between them, and
     titles[k] over picture k. One imshow of them all: an axes per picture took most of a picture's drawing time."""
@@ -1041,7 +1040,6 @@ def write_pictures(cfg, results, labels, oof_probs, images, generator):
         print(f"matplotlib is not installed: skipping {', '.join(PICTURES)}", flush=True)
         return
     predictions = oof_probs.argmax(1)
-    save = lambda fig, name: write_atomic(os.path.join(cfg.out, name), lambda tmp: fig.savefig(tmp, format="png"))
 
     # Training curves: a column per architecture, loss above validation accuracy, the kept epoch starred.
     fig = Figure(figsize=(5 * len(cfg.archs), 7), layout="constrained", dpi=110)
@@ -1063,7 +1061,7 @@ def write_pictures(cfg, results, labels, oof_probs, images, generator):
         if loss_ax.lines:
             loss_ax.legend(fontsize=8)
             acc_ax.legend(fontsize=8, loc="lower right")
-    save(fig, "curves.png")
+    write_png(fig, os.path.join(cfg.out, "curves.png"))
 
     # Confusion matrix of the ensemble's out-of-fold predictions, every count written in its cell.
     from sklearn.metrics import ConfusionMatrixDisplay
@@ -1073,7 +1071,7 @@ def write_pictures(cfg, results, labels, oof_probs, images, generator):
     errors = int((predictions != labels).sum())
     ax.set(xlabel="predicted digit", ylabel="true digit",
            title=f"Out-of-fold confusion, ensemble: {errors} errors in {len(labels)} images")
-    save(fig, "confusion.png")
+    write_png(fig, os.path.join(cfg.out, "confusion.png"))
 
     # The out-of-fold mistakes, most confident first.
     wrong = np.flatnonzero(predictions != labels)
@@ -1083,7 +1081,7 @@ def write_pictures(cfg, results, labels, oof_probs, images, generator):
     fig.suptitle(f"Out-of-fold mistakes, most confident first ({len(wrong)} of {errors} shown)")
     if len(wrong) == 0:
         ax.text(0, IMAGE_SIZE / 2, "no out-of-fold mistakes", fontsize=12)
-    save(fig, "mistakes.png")
+    write_png(fig, os.path.join(cfg.out, "mistakes.png"))
 
     # What the augmentation does: the first image of each digit, then augmented draws of it.
     firsts = [int(np.flatnonzero(labels == d)[0]) for d in range(NUM_CLASSES) if (labels == d).any()]
@@ -1097,7 +1095,7 @@ def write_pictures(cfg, results, labels, oof_probs, images, generator):
     ax.tick_params(length=0)
     ax.set_xticks([(IMAGE_SIZE + TILE_GAP) * k + IMAGE_SIZE / 2 for k in range(draws + 1)],
                   ["original"] + [f"draw {k}" for k in range(1, draws + 1)], fontsize=8)
-    save(fig, "samples.png")
+    write_png(fig, os.path.join(cfg.out, "samples.png"))
     print(f"wrote {', '.join(PICTURES)}", flush=True)
 
 
@@ -1283,7 +1281,7 @@ def write_predictions_picture(out, readings):
             axes[row, col].imshow(frame.numpy(), cmap="gray", vmin=0, vmax=1)
             axes[row, col].set_title(f"{p.argmax().item()}  ({p.max().item():.2f})", fontsize=9)
     with warnings.catch_warnings(action="ignore", category=UserWarning):  # a glyph the font lacks: drawn as a box
-        write_atomic(os.path.join(out, "predictions.png"), lambda tmp: fig.savefig(tmp, format="png"))
+        write_png(fig, os.path.join(out, "predictions.png"))
     print(f"wrote {os.path.join(out, 'predictions.png')}"
           + (f" (the first {len(shown)} of {len(readings)} files)" if len(shown) < len(readings) else ""), flush=True)
 
@@ -1372,10 +1370,10 @@ def load_data(cfg, device):
     if min(len(train) for train, _ in folds) < 2:  # BatchNorm cannot train on one image
         raise InputError(f"{train_path}: {len(labels)} rows leave a fold fewer than 2 training images: use more rows "
                          "or fewer --folds")
-    to_device = lambda idx: torch.from_numpy(idx).to(device)
     return Digits(images=to_image_tensor(train_pixels, device), labels=torch.from_numpy(labels).to(device),
                   label_array=labels, test_images=torch.from_numpy(test_pixels).view(-1, 1, IMAGE_SIZE, IMAGE_SIZE),
-                  folds=[(to_device(t), to_device(v)) for t, v in folds], submission=submission,
+                  folds=[(torch.from_numpy(train).to(device), torch.from_numpy(val).to(device)) for train, val in folds],
+                  submission=submission,
                   digest=hashlib.sha256(train_pixels.tobytes() + labels.tobytes()).hexdigest()[:16])
 
 
@@ -1707,6 +1705,16 @@ CONFLICTS = {("fresh", "predict_only"): "--fresh would discard the checkpoints i
              ("fold", "predict_only"): "it trains no fold", ("demo", "data"): "--demo makes its own data"}
 
 
+def without_kernel_arguments(argv, known):
+    """A Jupyter kernel's sys.argv[1:] less the kernel's own words: -f kernel.json, --Session.key=... and the like."""
+    kept = []
+    for before, arg in zip([None, *argv], argv):
+        kernels = "-f" in (before, arg) or (arg.startswith("--") and "=" in arg and arg.partition("=")[0] not in known)
+        if not kernels:
+            kept.append(arg)
+    return kept
+
+
 def parse_args(argv=None):
     """The Config of a command line (by default sys.argv's, less a Jupyter kernel's own arguments inside one): its
     options are Config's fields, with --demo's shorter schedule. Options are exact: no unknown ones, no prefixes."""
@@ -1730,9 +1738,8 @@ def parse_args(argv=None):
                            **options)
     if argv is None:
         argv = sys.argv[1:]
-        if in_notebook():  # the kernel's own: -f kernel.json, --HistoryManager.hist_file=..., --Session.key=...
-            argv = [arg for arg, before in zip(argv, [None, *argv]) if "-f" not in (arg, before) and not (
-                arg.startswith("--") and "=" in arg and arg.partition("=")[0] not in known)]
+        if in_notebook():
+            argv = without_kernel_arguments(argv, known)
     given, unknown = parser.parse_known_args(argv)
     if unknown:
         near = difflib.get_close_matches(unknown[0].partition("=")[0], known, n=1)
