@@ -1370,10 +1370,10 @@ def load_data(cfg, device):
     if min(len(train) for train, _ in folds) < 2:  # BatchNorm cannot train on one image
         raise InputError(f"{train_path}: {len(labels)} rows leave a fold fewer than 2 training images: use more rows "
                          "or fewer --folds")
+    fold_rows = [(torch.from_numpy(train).to(device), torch.from_numpy(val).to(device)) for train, val in folds]
     return Digits(images=to_image_tensor(train_pixels, device), labels=torch.from_numpy(labels).to(device),
                   label_array=labels, test_images=torch.from_numpy(test_pixels).view(-1, 1, IMAGE_SIZE, IMAGE_SIZE),
-                  folds=[(torch.from_numpy(train).to(device), torch.from_numpy(val).to(device)) for train, val in folds],
-                  submission=submission,
+                  folds=fold_rows, submission=submission,
                   digest=hashlib.sha256(train_pixels.tobytes() + labels.tobytes()).hexdigest()[:16])
 
 
