@@ -365,7 +365,7 @@ def train_step(model, optimizer, scaler, images, labels, batch_idx, generator, a
     optimizer.zero_grad(set_to_none=True)
     with onednn_enabled(not (images.device.type == "cpu" and amp_dtype == torch.float16)):
         scaler.scale(loss).backward()  # float16's loss scaling; the identity in other precisions
-    scaler.step(optimizer)  # with float16, a step whose gradients overflowed is skipped
+    scaler.step(optimizer)  # optimizer.step(), which float16 skips where the gradients overflowed
     scaler.update()
     totals["loss_sum"] += loss.detach() * len(batch_idx)
     totals["correct"] += (logits.argmax(1) == batch_labels).sum()
@@ -381,7 +381,7 @@ def train_job(cfg, arch, fold, data, device, progress, recipe):
     torch.manual_seed(seed)  # model init (on the CPU, so the same on every device) and dropout
     generator = torch.Generator(device=device).manual_seed(seed)  # shuffling and augmentation
     amp_dtype = autocast_dtype(device, cfg.precision)
-    graphed = cuda_graphs(device) and len(train_idx) >= cfg.batch_size
+    graphed = cuda_graphs(device) and len(train_idx) >= cfg.batch_size  # a graph replays full batches only
     say = functools.partial(progress.say, arch, fold)  # a line about this job
 
     model = ARCHITECTURES[arch]().to(device, memory_format=memory_format_for(device))
@@ -467,10 +467,12 @@ def onednn_enabled(enabled):
 
 
 def tta_views(size=IMAGE_SIZE, tta=True):
-    """Fixed test-time views as (name, (1, 3, 3) inverse map or None for the untouched image)."""
+    """Fixed test-time views as (name, (1, 3, 3) inverse map or None for the untouched image). The reference draws
+    its views at random (RandomAffine(degrees=5, translate=(0.05, 0.05)), scale=(0.95, 1.05)); fixed ones give the
+    same submission every time."""
     def view(angle=0.0, scale=1.0):
-        p = [torch.tensor([v], dtype=torch.float32) for v in (angle, 0.0, 0.0, scale, 0.0)]
-        return affine_maps(*p, size=size)
+        no_shift, no_shear = torch.zeros(1), torch.zeros(1)
+        return affine_maps(torch.tensor([angle]), no_shift, no_shift, torch.tensor([scale]), no_shear, size=size)
     views = [("identity", None)]
     if tta:
         views += [("rotate+5", view(angle=5.0)), ("rotate-5", view(angle=-5.0)), ("scale1.05", view(scale=1.05))]
@@ -899,7 +901,8 @@ def resume_job(path, parts, generator, device, seed, say):
     if saved is None:
         return job
     optimizer = parts["optimizer"]
-    implementation = {key: optimizer.defaults[key] for key in ("foreach", "fused", "capturable")}
+    implementation = {key: optimizer.defaults[key] for key in ("foreach", "fused", "capturable")
+                      if key in optimizer.defaults}  # (SGD has no capturable)
     for name, part in parts.items():
         if saved[name]:  # the scaler's is {} from a run without loss scaling (another precision): ours starts afresh
             part.load_state_dict(saved[name])
@@ -994,8 +997,8 @@ def graph_full_batches(step, batch_size, parts, generator, say):
     try:
         graph = capture_step(step, static_idx, parts["model"], optimizer, parts["scaler"], generator)
     except Exception as e:
-        say(f"cannot capture a CUDA graph on {device} ({type(e).__name__}: {str(e).partition(chr(10))[0]}): "
-            "training eagerly")
+        first_line = str(e).partition("\n")[0]
+        say(f"cannot capture a CUDA graph on {device} ({type(e).__name__}: {first_line}): training eagerly")
         for group, lr in zip(optimizer.param_groups, eager_lrs):  # AdamW as an eager run has it
             group.update(capturable=False, lr=lr)
         return step
@@ -1198,6 +1201,8 @@ def claim_out(cfg):
         os.remove(path)
     if cfg.fresh:
         discarded = [path for path in own_checkpoints(cfg) if os.path.exists(path)]
+        if any(not path.endswith(".state.pt") for path in discarded):  # the outputs were made from a model now gone
+            discarded += [path for path in outputs if os.path.exists(path)]
         for path in discarded:
             os.remove(path)
         names = ", ".join(os.path.relpath(path, cfg.out) for path in discarded)
@@ -1276,7 +1281,12 @@ def read_digits_csv(path, role):
         frame, columns = frame.iloc[:, 1:], columns[1:]
     frame.columns = columns
     labels, ids, pixel_columns = None, None, columns
-    named = next((names for names in PIXEL_NAMES if set(names) <= set(columns)), None)  # pixels taken by name
+    named = None  # the pixel columns in pixel order, where the header names them all (Pixel0 is pixel0)
+    by_lower_case = {column.lower(): column for column in columns}
+    for names in PIXEL_NAMES:
+        if set(names) <= by_lower_case.keys():
+            named = [by_lower_case[name] for name in names]
+            break
     if role == "train":
         if "label" not in columns:
             raise InputError(f"{path}: no 'label' column (expected label followed by {NUM_PIXELS} pixel columns)")
@@ -1579,6 +1589,7 @@ def main(argv=None):
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous_handler = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
     try:
+        cfg = None
         cfg = parse_args(argv)
         if cfg.predict:
             return predict_files(cfg)
@@ -1599,8 +1610,10 @@ def main(argv=None):
         return 1  # as Python's for an uncaught exception
     except KeyboardInterrupt as interrupt:
         if os.environ.get("RANK", "0") == "0":  # one line for all torchrun's processes
-            print("interrupted: every job saves its state after each epoch; run the same command again to "
-                  "continue (add --fresh to start over)", file=sys.stderr)
+            how = ("without --fresh to continue (with it, its jobs start over)" if cfg is not None and cfg.fresh
+                   else "to continue (add --fresh to start over)")
+            print(f"interrupted: every job saves its state after each epoch; run the same command again {how}",
+                  file=sys.stderr)
         return 143 if isinstance(interrupt, Terminated) else 130
     finally:
         if in_main_thread:

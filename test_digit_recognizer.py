@@ -1818,7 +1818,8 @@ def test_float16_step_whose_gradients_overflow_is_skipped_and_the_scale_drops(di
     images, labels = digit_images
     torch.manual_seed(0)
     model = dr.WideConvNet()
-    optimizer = torch.optim.AdamW(model.parameters(), **dr.adamw_implementation(torch.float16))  # fused: skips on device
+    # float16's AdamW is the fused one: it skips an overflowed step itself, on the device
+    optimizer = torch.optim.AdamW(model.parameters(), **dr.adamw_implementation(torch.float16))
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 40)  # loss x 2^40: the float16 gradients overflow
     totals = {"loss_sum": torch.zeros(()), "correct": torch.zeros((), dtype=torch.long)}
     step = lambda: dr.train_step(model, optimizer, scaler, images, torch.from_numpy(labels), torch.arange(8),
@@ -2213,6 +2214,14 @@ def test_named_pixel_columns_are_taken_by_name_in_any_order(order, tmp_path):
         assert np.array_equal(labels if role == "train" else ids[1], np.arange(1, 6))
 
 
+def test_pixel_names_in_capitals_are_taken_by_name_too(tmp_path):
+    """A spreadsheet's Pixel0..Pixel783 in reverse order was read by position: exit 0, another submission."""
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 784))
+    frame = pd.DataFrame(pixels, columns=[f"Pixel{i}" for i in range(784)])
+    frame[frame.columns[::-1]].to_csv(tmp_path / "test.csv", index=False)
+    assert np.array_equal(dr.read_digits_csv(str(tmp_path / "test.csv"), "test")[0], pixels)
+
+
 def test_a_row_of_two_million_cells_is_one_line_in_a_second(tmp_path):
     """pandas took its extra cells for an index: minutes and gigabytes, then a one-row submission."""
     header = ",".join(f"pixel{i}" for i in range(784))
@@ -2326,12 +2335,38 @@ def test_fresh_discards_only_the_jobs_it_trains(options, discarded, tiny_dir, bo
     without_matplotlib(monkeypatch)
     assert dr.main(tiny_args(tiny_dir, out, "--fresh", "--no-tta", *options)) == 0
     printed = capsys.readouterr().out
-    assert f"--fresh: discarded {discarded}\n" in printed and "missing jobs" not in printed
+    assert f"--fresh: discarded {discarded}, submission.csv, oof.csv, metrics.json" in printed  # made from them
+    assert "missing jobs" not in printed
     retrained = {name.split("/")[1] for name in discarded.split(", ")}
     after = {path.name: path.read_bytes() for path in (out / "checkpoints").iterdir() if path.name != ".lock"}
     assert after.keys() == before.keys() - {".lock"}
     assert all(after[name] == before[name] for name in after if name not in retrained)
     assert all(f"{name[:-3]:<12} epoch  1/1" in printed for name in retrained)  # trained again
+
+
+def test_fresh_that_discards_a_finished_model_discards_the_outputs_made_from_it(tiny_dir, wide_run, tmp_path, capsys):
+    """Else an interrupted --fresh run leaves a submission of a model that is gone, with nothing to say so."""
+    out = tmp_path / "out"
+    shutil.copytree(wide_run, out)
+    outputs = ["submission.csv", "oof.csv", "metrics.json", *dr.PICTURES]
+    assert all((out / name).exists() for name in outputs)
+    kept = (out / "checkpoints" / "wide_fold0.pt").read_bytes()
+    dr.claim_out(dr.parse_args(tiny_args(tiny_dir, out, "--archs", "wide", "--fresh", "--fold", "1"))).close()
+    assert capsys.readouterr().out == f"--fresh: discarded checkpoints/wide_fold1.pt, {', '.join(outputs)}\n"
+    assert not any((out / name).exists() for name in outputs)
+    assert (out / "checkpoints" / "wide_fold0.pt").read_bytes() == kept
+
+
+def test_an_interrupted_fresh_command_says_to_continue_without_fresh(tiny_dir, tmp_path, capsys, monkeypatch):
+    """The same command again, --fresh and all, would discard the epochs it has just saved."""
+    def interrupted(cfg, launched=False):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(dr, "run", interrupted)
+    assert dr.main(tiny_args(tiny_dir, tmp_path, "--archs", "wide", "--fresh")) == 130
+    assert "; run the same command again without --fresh to continue (with it, its jobs start over)\n" in \
+        capsys.readouterr().err
+    assert dr.main(tiny_args(tiny_dir, tmp_path, "--archs", "wide")) == 130
+    assert "; run the same command again to continue (add --fresh to start over)\n" in capsys.readouterr().err
 
 
 def test_fresh_refuses_before_deleting_when_a_checkpoint_it_keeps_has_another_recipe(tiny_dir, wide_run, tmp_path,
